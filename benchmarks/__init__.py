@@ -1,0 +1,1 @@
+"""Speed, memory and tightness benchmarks; ``python -m benchmarks`` rewrites BENCHMARKS.md."""

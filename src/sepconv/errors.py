@@ -1,0 +1,62 @@
+"""The exceptions sepconv raises for bad input.
+
+Every error is a :class:`SepconvError`; the command line turns one into a single line on
+stderr and exit status 2. Each subclass also derives from the built-in exception a Python
+user would expect (``ValueError``, ``FileNotFoundError``, ``KeyError``...), so generic
+``except ValueError`` code keeps working. Messages name the layer, file or argument at
+fault and the reason, in one line.
+"""
+
+from __future__ import annotations
+
+
+class SepconvError(Exception):
+    """Base class of every error sepconv raises on purpose."""
+
+
+class ConfigError(SepconvError, ValueError):
+    """An argument or setting is out of range or inconsistent (epochs 0, lr < 0, ...)."""
+
+
+class DataError(SepconvError, ValueError):
+    """A dataset is unknown, or its files are missing or malformed."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The files a dataset needs are not in the given directory."""
+
+
+class ModelError(SepconvError, ValueError):
+    """A model name is unknown, or a model/combination of options makes no sense."""
+
+
+class UnknownModelError(ModelError, KeyError):
+    """No model of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedLayerError(ModelError):
+    """A layer or operation that a tool cannot handle (and will not silently ignore)."""
+
+
+class WeightsError(SepconvError, ValueError):
+    """A weights or model file is missing, malformed, or unsafe (e.g. a pickle)."""
+
+
+class CheckpointError(SepconvError, ValueError):
+    """A training checkpoint is missing, malformed or does not match the run."""
+
+
+__all__ = [
+    "SepconvError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "ModelError",
+    "UnknownModelError",
+    "UnsupportedLayerError",
+    "WeightsError",
+    "CheckpointError",
+]

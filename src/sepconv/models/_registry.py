@@ -1,0 +1,126 @@
+"""The model registry: one decorator, one constructor, one listing (in the style of timm).
+
+Every registered factory takes the same keyword arguments: ``num_classes``, ``in_chans``,
+``conv`` (which convolution flavour replaces the spatial convs) and ``width`` (a channel
+multiplier), plus its own extras. :func:`create_model` records the name and arguments on
+the model (``model.sepconv_config``) so that :func:`sepconv.io.save_model` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..errors import ConfigError, ModelError, UnknownModelError
+
+CONV_KINDS = ("regular", "dsc", "bsconv_u", "bsconv_s")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a model family member."""
+
+    name: str
+    fn: Callable[..., nn.Module]
+    family: str
+    convs: tuple[str, ...] = ("regular",)
+    input_size: tuple[int, int, int] = (3, 224, 224)  # default (C, H, W) for profiling
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    doc: str = ""
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    *,
+    family: str,
+    convs: tuple[str, ...] = ("regular",),
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    tags: tuple[str, ...] = (),
+    name: str | None = None,
+):
+    """Decorator: register a model factory under its function name (or ``name``)."""
+
+    bad = [c for c in convs if c not in CONV_KINDS]
+    if bad:
+        raise ValueError(f"register_model: unknown conv kinds {bad}; known: {CONV_KINDS}")
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or fn.__name__
+        if key in _MODELS:
+            raise ValueError(f"model {key!r} is registered twice")
+        doc = inspect.getdoc(fn) or ""
+        _MODELS[key] = ModelInfo(key, fn, family, tuple(convs), tuple(input_size), tuple(tags), doc)
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
+    """Sorted names of the registered models, optionally filtered by a glob and family."""
+    import fnmatch
+
+    names = sorted(_MODELS)
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    if family:
+        names = [n for n in names if _MODELS[n].family == family]
+    return names
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name``; a clear error listing close names if unknown."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see `sepconv models`)"
+        raise UnknownModelError(f"unknown model {name!r}{hint}") from None
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    conv: str = "regular",
+    width: float = 1.0,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models`.
+        num_classes: size of the classifier output.
+        in_chans: channels of the input image.
+        conv: ``"regular"``, ``"dsc"``, ``"bsconv_u"`` or ``"bsconv_s"`` -- which
+            convolution flavour the model's spatial convs use; what each means for a
+            family is written in that family's docstring.
+        width: channel multiplier.
+        **kwargs: family-specific options.
+    """
+    info = model_info(name)
+    if conv not in CONV_KINDS:
+        raise ModelError(f"unknown conv kind {conv!r}; choose one of {', '.join(CONV_KINDS)}")
+    if conv not in info.convs:
+        raise ModelError(
+            f"model {name!r} does not support conv={conv!r} (it supports {', '.join(info.convs)})"
+        )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    if not width > 0:
+        raise ConfigError(f"width must be > 0, got {width!r}")
+    model = info.fn(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs)
+    model.sepconv_config = {
+        "name": name,
+        "kwargs": dict(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs),
+        "recipe": [],
+    }
+    return model

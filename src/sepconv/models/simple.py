@@ -1,0 +1,42 @@
+"""A small plain CNN: quick to train on the bundled digits data; used by tests and examples."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._registry import register_model
+
+
+def _round(c: float) -> int:
+    return max(1, int(round(c)))
+
+
+class SimpleCNN(nn.Module):
+    """Three conv-BN-ReLU stages (16, 32, 64 channels x width), each halving the size,
+    then global average pooling and a linear classifier."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
+                 channels: tuple[int, ...] = (16, 32, 64), norm: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for i, c in enumerate(channels):
+            c = _round(c * width)
+            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1, bias=not norm)]
+            if norm:
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(nn.ReLU(inplace=True))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+@register_model(family="simple", input_size=(3, 32, 32))
+def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, **kw):
+    """Small CNN (3 conv stages + linear). ``norm=False`` drops BatchNorm."""
+    return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, **kw)
