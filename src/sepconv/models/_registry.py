@@ -15,8 +15,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConfigError, ModelError, UnknownModelError
-
-CONV_KINDS = ("regular", "dsc", "bsconv_u", "bsconv_s")
+from ..layers import CONV_KINDS
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,13 @@ def create_model(
         raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
     if not width > 0:
         raise ConfigError(f"width must be > 0, got {width!r}")
+    params = inspect.signature(info.fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            own = [n for n in params if n not in ("num_classes", "in_chans", "conv", "width")]
+            raise ConfigError(f"model {name!r} has no option {', '.join(unknown)} "
+                              f"(its options: {', '.join(own) or 'none'})")
     model = info.fn(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs)
     model.sepconv_config = {
         "name": name,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers import CONV_KINDS, make_spatial_conv
 from ._registry import register_model
+from ._util import check_bsconv_p
 
 
 def _round(c: float) -> int:
@@ -13,16 +15,19 @@ def _round(c: float) -> int:
 
 class SimpleCNN(nn.Module):
     """Three conv-BN-ReLU stages (16, 32, 64 channels x width), each halving the size,
-    then global average pooling and a linear classifier."""
+    then global average pooling and a linear classifier. ``conv`` sets the flavour of the
+    3x3 convs (see :func:`sepconv.layers.make_spatial_conv`)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
-                 channels: tuple[int, ...] = (16, 32, 64), norm: bool = True):
+                 channels: tuple[int, ...] = (16, 32, 64), norm: bool = True, conv: str = "regular",
+                 bsconv_p: float = 0.25):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_chans
         for i, c in enumerate(channels):
             c = _round(c * width)
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1, bias=not norm)]
+            layers.append(make_spatial_conv(conv, c_in, c, 3, stride=1 if i == 0 else 2, padding=1,
+                                            bias=not norm, bsconv_p=bsconv_p))
             if norm:
                 layers.append(nn.BatchNorm2d(c))
             layers.append(nn.ReLU(inplace=True))
@@ -36,7 +41,11 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
 
-@register_model(family="simple", input_size=(3, 32, 32))
-def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, **kw):
-    """Small CNN (3 conv stages + linear). ``norm=False`` drops BatchNorm."""
-    return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, **kw)
+@register_model(family="simple", convs=CONV_KINDS, input_size=(3, 32, 32))
+def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64),
+               norm=True, bsconv_p=None):
+    """Small CNN (3 conv stages + linear). ``norm=False`` drops BatchNorm. Every 3x3 conv,
+    the first included, takes the ``conv`` flavour; ``bsconv_p`` (default 0.25) sets p of
+    ``conv="bsconv_s"``."""
+    return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, channels=tuple(channels),
+                     norm=norm, conv=conv, bsconv_p=check_bsconv_p(conv, bsconv_p))

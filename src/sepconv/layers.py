@@ -1,0 +1,391 @@
+"""Separable convolution blocks that drop into any model: DSC, BSConv-U, BSConv-S.
+
+Every block takes ``nn.Conv2d``'s arguments (``kernel_size``, ``stride``, ``padding``
+including ``"same"``/``"valid"``, ``dilation``, ``bias``, ``padding_mode``) and is built of
+plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` children, applied in the order they are
+registered, so spectral tools and conversions see ordinary convolutions:
+
+============================  ==============================================================
+``DepthwiseSeparableConv2d``  ``dw`` (k x k, groups=in) -> ``mid_norm`` -> ``mid_act`` -> ``pw`` (1x1)
+``BSConvU``                   ``pw`` (1x1) -> [``bn``] -> ``dw`` (k x k, groups=out)
+``BSConvS``                   ``pw1`` (1x1, in->mid) -> [``bn1``] -> ``pw2`` (1x1, mid->out) -> [``bn2``] -> ``dw``
+============================  ==============================================================
+
+The block's ``bias`` sits on its last convolution (``pw`` for DSC, ``dw`` for BSConv), so
+a linear block computes ``conv2d(x, block.dense_weight(), bias)`` exactly.
+
+``padding="same"`` follows PyTorch: it is allowed only with stride 1 (PyTorch pads
+asymmetrically for even kernels then). With stride > 1 the blocks raise
+:class:`~sepconv.errors.ConfigError` instead of padding TF-style, because TF "same"
+padding depends on the input size and could not live in a plain ``nn.Conv2d``; pass an
+explicit padding (``dilation * (k - 1) // 2`` keeps ``ceil(H / stride)`` for odd k).
+
+The BSConv-S regularizer is :func:`orthonormality_defect` (a pure function) applied to
+every convolution marked with :func:`mark_orthonormal`; :func:`orthonormal_penalty`
+sums it over a model. ``BSConvS`` marks its ``pw1``; the BSConv-S MobileNets mark each
+block's projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, UnsupportedLayerError
+
+IntPair = Union[int, tuple[int, int]]
+Padding = Union[str, int, tuple[int, int]]
+ModuleSpec = Union[nn.Module, Callable[..., nn.Module], None]
+
+#: The convolution flavours a model's spatial convolutions can take (see ``make_spatial_conv``).
+CONV_KINDS = ("regular", "dsc", "bsconv_u", "bsconv_s")
+
+#: Attribute set on a convolution whose weight rows the BSConv-S penalty pushes to orthonormality.
+ORTHONORMAL_MARK = "sepconv_orthonormal"
+
+
+# ----------------------------------------------------------------- pure functions
+
+
+def orthonormality_defect(weight: Tensor) -> Tensor:
+    """``||W W^T - I||_F`` (Frobenius norm, not squared) with ``W = weight.flatten(1)``.
+
+    The BSConv-S regularization term of Haase & Amthor, "Rethinking Depthwise Separable
+    Convolutions" (CVPR 2020, arXiv 2003.13549, Sect. 3.3): it pushes the rows of the
+    first pointwise matrix ``W in R^{M' x M}`` towards an orthonormal basis of a
+    subspace. Exact (no approximation); ``I`` is the ``rows x rows`` identity, as in the
+    reference code (``bsconv.pytorch.BSConvS._reg_loss``).
+    """
+    w = weight.flatten(1)
+    gram = w @ w.transpose(0, 1)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.matrix_norm(gram - eye, ord="fro")
+
+
+def bsconv_s_mid_channels(in_channels: int, p: float, min_mid_channels: int = 4) -> int:
+    """Width ``M' = min(M, max(min_mid_channels, ceil(p * M)))`` of the BSConv-S subspace
+    (Haase & Amthor 2020, Sect. 3.3; the cap and the minimum as in the reference code)."""
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"BSConvS: p must be in [0, 1], got {p!r}")
+    if min_mid_channels < 1:
+        raise ConfigError(f"BSConvS: min_mid_channels must be >= 1, got {min_mid_channels!r}")
+    return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
+
+
+def compose_depthwise_separable(dw_weight: Tensor, pw_weight: Tensor, in_channels: int) -> Tensor:
+    """Dense ``(out, in, k, k)`` kernel of a depthwise-then-pointwise convolution.
+
+    ``dw_weight`` is ``(in * d, 1, k, k)`` (depth multiplier ``d``; channel ``i * d + j``
+    reads input ``i``, PyTorch's grouped-conv layout) and ``pw_weight`` is
+    ``(out, in * d, 1, 1)``; then ``F[o, i] = sum_j pw[o, i*d + j] * dw[i*d + j]``
+    (Howard et al. 2017, Sect. 3.1, read backwards). Exact for every padding mode: a
+    bias-free pointwise convolution commutes with per-channel padding.
+    """
+    mid, k = dw_weight.shape[0], dw_weight.shape[-2:]
+    if mid % in_channels:
+        raise ConfigError(f"depthwise weight has {mid} channels, not a multiple of in_channels={in_channels}")
+    prod = pw_weight[:, :, 0, 0, None, None] * dw_weight[None, :, 0]  # (out, in*d, k, k)
+    return prod.reshape(pw_weight.shape[0], in_channels, mid // in_channels, *k).sum(2)
+
+
+def compose_blueprint(pw_weight: Tensor, dw_weight: Tensor) -> Tensor:
+    """Dense ``(out, in, k, k)`` kernel of pointwise-then-depthwise convolution (BSConv-U).
+
+    ``F[n, m] = w[n, m] * B[n]`` with ``w = pw_weight[:, :, 0, 0]`` (``out x in``) and the
+    blueprints ``B = dw_weight[:, 0]`` (``out x k x k``): Haase & Amthor 2020, Eq. (1)
+    ("each filter is one blueprint scaled along depth"). Exact for every padding mode,
+    since a bias-free pointwise convolution commutes with per-channel padding.
+    """
+    return pw_weight[:, :, 0, 0, None, None] * dw_weight[:, 0, None]
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _pair(v: IntPair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _check_geometry(block: str, in_channels: int, out_channels: int, stride: IntPair, padding: Padding) -> None:
+    for arg, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{block}: {arg} must be a positive integer, got {v!r}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ConfigError(f"{block}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+        if padding == "same" and _pair(stride) != (1, 1):
+            raise ConfigError(
+                f"{block}: padding='same' needs stride 1 (got stride={stride!r}); as in PyTorch, pass an "
+                "explicit padding such as dilation*(kernel_size-1)//2 for strided convolutions")
+
+
+def _make_norm(spec: ModuleSpec, channels: int) -> nn.Module:
+    """``None`` -> Identity; a module -> itself; a callable (``nn.BatchNorm2d``) -> ``spec(channels)``."""
+    if spec is None:
+        return nn.Identity()
+    return spec if isinstance(spec, nn.Module) else spec(channels)
+
+
+def _make_act(spec: ModuleSpec) -> nn.Module:
+    """``None`` -> Identity; a module -> itself; a callable (``nn.ReLU``) -> ``spec()``."""
+    if spec is None:
+        return nn.Identity()
+    return spec if isinstance(spec, nn.Module) else spec()
+
+
+class _SeparableBlock(nn.Module):
+    """Shared plumbing: children run in registration order; ``nn.Conv2d``-like attributes."""
+
+    spatial: str  # name of the k x k child
+    last: str  # name of the child that carries the block's bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        for m in self.children():
+            x = m(x)
+        return x
+
+    @property
+    def in_channels(self) -> int:
+        return next(m for m in self.children() if isinstance(m, nn.Conv2d)).in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return getattr(self, self.last).out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return getattr(self, self.spatial).kernel_size
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return getattr(self, self.spatial).stride
+
+    @property
+    def padding(self):
+        return getattr(self, self.spatial).padding
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return getattr(self, self.spatial).dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return getattr(self, self.spatial).padding_mode
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The block's output bias (on its last convolution), or None."""
+        return getattr(self, self.last).bias
+
+    def _require_linear(self, between: list[str]) -> None:
+        bad = [n for n in between if not isinstance(getattr(self, n, nn.Identity()), nn.Identity)]
+        if bad:
+            raise UnsupportedLayerError(
+                f"{type(self).__name__}: no dense equivalent with {', '.join(bad)} between the convolutions")
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+# ----------------------------------------------------------------- blocks
+
+
+class DepthwiseSeparableConv2d(_SeparableBlock):
+    """Depthwise k x k convolution, then pointwise 1x1 (Sifre 2014; Howard et al. 2017).
+
+    Children: ``dw`` (``Conv2d(in, in * depth_multiplier, k, groups=in, bias=False)``,
+    carrying stride, padding, dilation and padding mode), ``mid_norm`` and ``mid_act``
+    (``nn.Identity`` unless given), ``pw`` (``Conv2d(in * depth_multiplier, out, 1,
+    bias=bias)``). ``mid_norm`` is a module or a factory called with the channel count
+    (e.g. ``nn.BatchNorm2d``); ``mid_act`` is a module or a factory called without
+    arguments (e.g. ``nn.ReLU``). Without them the block is linear (Xception-style, like
+    Keras' ``SeparableConv2D``) and :meth:`dense_weight` gives its regular-conv kernel.
+    """
+
+    spatial, last = "dw", "pw"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: Padding = 0, dilation: IntPair = 1, bias: bool = True, padding_mode: str = "zeros",
+                 depth_multiplier: int = 1, mid_norm: ModuleSpec = None, mid_act: ModuleSpec = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _check_geometry(type(self).__name__, in_channels, out_channels, stride, padding)
+        if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
+            raise ConfigError(f"DepthwiseSeparableConv2d: depth_multiplier must be a positive integer, "
+                              f"got {depth_multiplier!r}")
+        mid = in_channels * depth_multiplier
+        fk = dict(device=device, dtype=dtype)
+        self.dw = nn.Conv2d(in_channels, mid, kernel_size, stride, padding, dilation, groups=in_channels,
+                            bias=False, padding_mode=padding_mode, **fk)
+        self.mid_norm = _make_norm(mid_norm, mid).to(**fk)
+        self.mid_act = _make_act(mid_act)
+        self.pw = nn.Conv2d(mid, out_channels, 1, bias=bias, **fk)
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.dw.out_channels // self.dw.in_channels
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in, k, k)`` kernel of the regular conv computing the same map (exact;
+        needs ``mid_norm`` and ``mid_act`` to be absent). See :func:`compose_depthwise_separable`."""
+        self._require_linear(["mid_norm", "mid_act"])
+        return compose_depthwise_separable(self.dw.weight, self.pw.weight, self.dw.in_channels)
+
+
+class BSConvU(_SeparableBlock):
+    """Unconstrained blueprint separable convolution: pointwise 1x1, then depthwise k x k
+    (Haase & Amthor, CVPR 2020, Sect. 3.2).
+
+    Children: ``pw`` (``Conv2d(in, out, 1, bias=False)``), ``bn``
+    (``BatchNorm2d(out, **bn_kwargs)``, only with ``with_bn=True``), ``dw``
+    (``Conv2d(out, out, k, groups=out, bias=bias)`` with stride, padding, dilation and
+    padding mode). Same parameters, names and function as ``bsconv.pytorch.BSConvU``.
+    """
+
+    spatial, last = "dw", "dw"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: Padding = 0, dilation: IntPair = 1, bias: bool = True, padding_mode: str = "zeros",
+                 with_bn: bool = False, bn_kwargs: dict | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_geometry(type(self).__name__, in_channels, out_channels, stride, padding)
+        fk = dict(device=device, dtype=dtype)
+        self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=False, **fk)
+        if with_bn:
+            self.bn = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **fk)
+        self.dw = nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+                            groups=out_channels, bias=bias, padding_mode=padding_mode, **fk)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in, k, k)`` kernel ``F[n, m] = w[n, m] B[n]`` of the regular conv
+        computing the same map (exact; needs ``with_bn=False``)."""
+        self._require_linear(["bn"])
+        return compose_blueprint(self.pw.weight, self.dw.weight)
+
+
+class BSConvS(_SeparableBlock):
+    """Subspace blueprint separable convolution: pointwise into ``M'`` channels, pointwise
+    out, depthwise k x k (Haase & Amthor, CVPR 2020, Sect. 3.3).
+
+    ``M' = min(in, max(min_mid_channels, ceil(p * in)))``. Children: ``pw1``
+    (``Conv2d(in, M', 1, bias=False)``, marked for the orthonormality penalty), ``bn1``
+    (``BatchNorm2d(M')``, only with ``with_bn``), ``pw2`` (``Conv2d(M', out, 1,
+    bias=False)``), ``bn2`` (``BatchNorm2d(out)``, only with ``with_bn``), ``dw``
+    (``Conv2d(out, out, k, groups=out, bias=bias)``). Same parameters, names and function
+    as ``bsconv.pytorch.BSConvS``. Train with ``loss + orthonormal_penalty(model)``.
+    """
+
+    spatial, last = "dw", "dw"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: Padding = 0, dilation: IntPair = 1, bias: bool = True, padding_mode: str = "zeros",
+                 p: float = 0.25, min_mid_channels: int = 4, with_bn: bool = False,
+                 bn_kwargs: dict | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_geometry(type(self).__name__, in_channels, out_channels, stride, padding)
+        mid = bsconv_s_mid_channels(in_channels, p, min_mid_channels)
+        fk = dict(device=device, dtype=dtype)
+        bk = bn_kwargs or {}
+        self.pw1 = mark_orthonormal(nn.Conv2d(in_channels, mid, 1, bias=False, **fk))
+        if with_bn:
+            self.bn1 = nn.BatchNorm2d(mid, **bk, **fk)
+        self.pw2 = nn.Conv2d(mid, out_channels, 1, bias=False, **fk)
+        if with_bn:
+            self.bn2 = nn.BatchNorm2d(out_channels, **bk, **fk)
+        self.dw = nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+                            groups=out_channels, bias=bias, padding_mode=padding_mode, **fk)
+
+    @property
+    def mid_channels(self) -> int:
+        return self.pw1.out_channels
+
+    def penalty(self) -> Tensor:
+        """This block's unweighted regularization term ``||W W^T - I||_F`` on ``pw1``
+        (see :func:`orthonormality_defect`)."""
+        return orthonormality_defect(self.pw1.weight)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in, k, k)`` kernel of the regular conv computing the same map:
+        blueprint composition with ``w = W_A W_B`` (exact; needs ``with_bn=False``)."""
+        self._require_linear(["bn1", "bn2"])
+        w = torch.einsum("om,mi->oi", self.pw2.weight[:, :, 0, 0], self.pw1.weight[:, :, 0, 0])
+        return compose_blueprint(w[:, :, None, None], self.dw.weight)
+
+
+# ----------------------------------------------------------------- the penalty over a model
+
+
+def mark_orthonormal(conv: nn.Conv2d) -> nn.Conv2d:
+    """Mark ``conv`` so that :func:`orthonormal_penalty` includes ``||W W^T - I||_F`` of its
+    weight (rows = output channels). Returns ``conv`` (still a plain ``nn.Conv2d``)."""
+    setattr(conv, ORTHONORMAL_MARK, True)
+    return conv
+
+
+def penalty_sources(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module of ``model`` marked by :func:`mark_orthonormal`
+    (the ``pw1`` of each :class:`BSConvS`, the projections of BSConv-S MobileNets)."""
+    return [(n, m) for n, m in model.named_modules() if getattr(m, ORTHONORMAL_MARK, False)]
+
+
+def orthonormal_penalty(model: nn.Module, alpha: float = 0.1) -> Tensor:
+    """The BSConv-S regularizer ``alpha * sum_layers ||W W^T - I||_F`` of a model (Haase &
+    Amthor 2020, Sect. 3.3; a sum, not a mean, as ``bsconv``'s ``reg_loss``).
+
+    Exact. Returns a 0-dim tensor; a zero (without grad) when the model has no marked
+    layer, so ``loss = criterion(out, y) + orthonormal_penalty(model)`` works for any model.
+    """
+    terms = [orthonormality_defect(m.weight) for _, m in penalty_sources(model)]
+    if not terms:
+        p = next(iter(model.parameters()), None)
+        return torch.zeros((), dtype=p.dtype if p is not None else None, device=p.device if p is not None else None)
+    return alpha * torch.stack(terms).sum()
+
+
+# ----------------------------------------------------------------- the conv= factory
+
+
+def make_spatial_conv(kind: str, in_channels: int, out_channels: int, kernel_size: IntPair,
+                      stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, bias: bool = False,
+                      *, padding_mode: str = "zeros", bsconv_p: float = 0.25) -> nn.Module:
+    """A spatial (k x k, groups=1) convolution in the flavour ``kind``:
+
+    - ``"regular"``: ``nn.Conv2d``;
+    - ``"dsc"``: :class:`DepthwiseSeparableConv2d` without norm/activation in between
+      (linear, Xception-style; the mirror image of BSConv-U and the form that converting
+      a trained conv produces);
+    - ``"bsconv_u"``: :class:`BSConvU` without BN (as ``bsconv``'s ``BSConvU_Replacer``
+      in its ResNets);
+    - ``"bsconv_s"``: :class:`BSConvS` with BN between the pointwise convs and
+      ``p=bsconv_p`` (as the ``bsconv`` ResNets/WRNs, ``BSConvS_Replacer(with_bn=True)``).
+    """
+    args = (in_channels, out_channels, kernel_size, stride, padding, dilation)
+    if kind == "regular":
+        return nn.Conv2d(*args, bias=bias, padding_mode=padding_mode)
+    if kind == "dsc":
+        return DepthwiseSeparableConv2d(*args, bias=bias, padding_mode=padding_mode)
+    if kind == "bsconv_u":
+        return BSConvU(*args, bias=bias, padding_mode=padding_mode)
+    if kind == "bsconv_s":
+        return BSConvS(*args, bias=bias, padding_mode=padding_mode, p=bsconv_p, with_bn=True)
+    raise ConfigError(f"unknown conv kind {kind!r}; choose one of {', '.join(CONV_KINDS)}")
+
+
+__all__ = [
+    "CONV_KINDS",
+    "BSConvS",
+    "BSConvU",
+    "DepthwiseSeparableConv2d",
+    "bsconv_s_mid_channels",
+    "compose_blueprint",
+    "compose_depthwise_separable",
+    "make_spatial_conv",
+    "mark_orthonormal",
+    "orthonormal_penalty",
+    "orthonormality_defect",
+    "penalty_sources",
+]
