@@ -158,7 +158,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     g.add_argument("--lr", type=positive_float, default=d.lr)
     g.add_argument("--momentum", type=unit_float, default=d.momentum)
-    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum for SGD")
     g.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay,
                    help="decay of weights (biases and norm parameters are not decayed)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)

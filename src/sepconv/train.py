@@ -64,11 +64,11 @@ class TrainConfig:
     image_size: int | None = None
     augment: bool = True
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 32
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     milestones: tuple[int, ...] = ()  # epochs at which "step" multiplies the lr by gamma

@@ -12,11 +12,11 @@ def _round(c: float) -> int:
 
 
 class SimpleCNN(nn.Module):
-    """Three conv-BN-ReLU stages (16, 32, 64 channels x width), each halving the size,
+    """Four conv-BN-ReLU stages (16, 32, 64, 128 channels x width), all but the first halving the size,
     then global average pooling and a linear classifier."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
-                 channels: tuple[int, ...] = (16, 32, 64), norm: bool = True):
+                 channels: tuple[int, ...] = (16, 32, 64, 128), norm: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_chans
@@ -38,5 +38,5 @@ class SimpleCNN(nn.Module):
 
 @register_model(family="simple", input_size=(3, 32, 32))
 def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, **kw):
-    """Small CNN (3 conv stages + linear). ``norm=False`` drops BatchNorm."""
+    """Small CNN (4 conv stages + linear). ``norm=False`` drops BatchNorm."""
     return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, **kw)
