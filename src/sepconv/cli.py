@@ -118,15 +118,112 @@ def _run_models(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- sepconv train
+
+
+def _model_arg(s: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE parsed as JSON when it parses (numbers, true/false, lists), else a string."""
+    import json
+
+    key, eq, value = s.partition("=")
+    if not eq or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_train(sub) -> argparse.ArgumentParser:
+    from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model (single process, or under torchrun with DDP)",
+                       description="Train a classifier. Under `torchrun --nproc_per_node N -m sepconv train ...` "
+                                   "it runs DistributedDataParallel (gloo on CPU, nccl on CUDA).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help=f"registry name (see `sepconv models`; default {d.model})")
+    g.add_argument("--conv", default=d.conv, choices=("regular", "dsc", "bsconv_u", "bsconv_s"),
+                   help="convolution flavour of the model's spatial convs")
+    g.add_argument("--width", type=positive_float, default=d.width, help="channel multiplier")
+    g.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra constructor argument (repeatable)")
+    g.add_argument("--init", metavar="DIR", help="start from a saved model directory (fine-tuning)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, help="digits (bundled, default), cifar10, cifar100, mnist, "
+                   "fashion_mnist, imagefolder")
+    g.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
+    g.add_argument("--image-size", type=positive_int, help="resize images to this size (default: the dataset's)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch size")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--lr", type=positive_float, default=d.lr)
+    g.add_argument("--momentum", type=unit_float, default=d.momentum)
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum for SGD")
+    g.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay,
+                   help="decay of weights (biases and norm parameters are not decayed)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    g.add_argument("--milestones", type=positive_int, nargs="+", default=[], metavar="EPOCH",
+                   help="epochs at which --schedule step multiplies the lr by --gamma")
+    g.add_argument("--gamma", type=positive_float, default=d.gamma)
+    g.add_argument("--warmup-epochs", type=nonneg_float, default=d.warmup_epochs)
+    g.add_argument("--label-smoothing", type=unit_float, default=d.label_smoothing)
+    g.add_argument("--bsconv-alpha", type=nonneg_float, default=None,
+                   help="weight of the BSConv-S orthonormal penalty (default 0.1 when the model has "
+                        "BSConv-S parts, else 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument("--stop-after", type=positive_int, metavar="N",
+                   help="stop this invocation after N epochs (continue later with --resume)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _train_config(args) -> "TrainConfig":
+    from .train import TrainConfig
+
+    alpha = args.bsconv_alpha
+    if alpha is None:
+        alpha = 0.1 if args.conv == "bsconv_s" else 0.0
+    return TrainConfig(
+        model=args.model, conv=args.conv, width=args.width, model_kwargs=dict(args.model_arg),
+        init=args.init, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
+        augment=args.augment, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+        lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+        schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, channels_last=args.channels_last,
+        seed=args.seed, device=args.device, bsconv_alpha=alpha,
+        out=args.out or f"runs/{args.model if not args.init else 'init'}-{args.data}",
+    )
+
+
+def _run_train(args) -> int:
+    from .train import train
+
+    cfg = _train_config(args)
+    res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after)
+    if res.history:
+        print(f"best test accuracy {res.best_acc:.4f}; model saved to {res.out / 'model'}")
+    return 0
+
+
 # ----------------------------------------------------------------- registry of commands
 
 COMMANDS: list[tuple[Callable, Callable]] = [
+    (_add_train, _run_train),
     (_add_models, _run_models),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sepconv", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="sepconv", description="Depthwise separable convolutions: blocks, exact "
+                     "spectral norms, spectral normalization, conversion of trained convs.")
     parser.add_argument("--version", action="version", version=f"sepconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -144,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SepconvError as e:
         print(f"sepconv {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"sepconv {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        where = f" ({e})" if str(e) else ""
+        print(f"sepconv {args.command}: interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -14,12 +14,12 @@ def _round(c: float) -> int:
 
 
 class SimpleCNN(nn.Module):
-    """Three conv-BN-ReLU stages (16, 32, 64 channels x width), each halving the size,
-    then global average pooling and a linear classifier. ``conv`` sets the flavour of the
+    """Four conv-BN-ReLU stages (16, 32, 64, 128 channels x width), all but the first halving
+    the size, then global average pooling and a linear classifier. ``conv`` sets the flavour of the
     3x3 convs (see :func:`sepconv.layers.make_spatial_conv`)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
-                 channels: tuple[int, ...] = (16, 32, 64), norm: bool = True, conv: str = "regular",
+                 channels: tuple[int, ...] = (16, 32, 64, 128), norm: bool = True, conv: str = "regular",
                  bsconv_p: float = 0.25):
         super().__init__()
         layers: list[nn.Module] = []
@@ -42,9 +42,9 @@ class SimpleCNN(nn.Module):
 
 
 @register_model(family="simple", convs=CONV_KINDS, input_size=(3, 32, 32))
-def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64),
+def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
                norm=True, bsconv_p=None):
-    """Small CNN (3 conv stages + linear). ``norm=False`` drops BatchNorm. Every 3x3 conv,
+    """Small CNN (4 conv stages + linear). ``norm=False`` drops BatchNorm. Every 3x3 conv,
     the first included, takes the ``conv`` flavour; ``bsconv_p`` (default 0.25) sets p of
     ``conv="bsconv_s"``."""
     return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, channels=tuple(channels),
