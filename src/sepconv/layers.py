@@ -54,7 +54,7 @@ def orthonormality_defect(weight: Tensor) -> Tensor:
     """``||W W^T - I||_F`` (Frobenius norm, not squared) with ``W = weight.flatten(1)``.
 
     The BSConv-S regularization term of Haase & Amthor, "Rethinking Depthwise Separable
-    Convolutions" (CVPR 2020, arXiv 2003.13549, Sect. 3.3): it pushes the rows of the
+    Convolutions" (CVPR 2020, arXiv 2003.13549; the BSConv-S loss): it pushes the rows of the
     first pointwise matrix ``W in R^{M' x M}`` towards an orthonormal basis of a
     subspace. Exact (no approximation); ``I`` is the ``rows x rows`` identity, as in the
     reference code (``bsconv.pytorch.BSConvS._reg_loss``).
@@ -67,7 +67,7 @@ def orthonormality_defect(weight: Tensor) -> Tensor:
 
 def bsconv_s_mid_channels(in_channels: int, p: float, min_mid_channels: int = 4) -> int:
     """Width ``M' = min(M, max(min_mid_channels, ceil(p * M)))`` of the BSConv-S subspace
-    (Haase & Amthor 2020, Sect. 3.3; the cap and the minimum as in the reference code)."""
+    (Haase & Amthor 2020, BSConv-S; the cap and the minimum as in the reference code ``bsconv`` 0.4.0)."""
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"BSConvS: p must be in [0, 1], got {p!r}")
     if min_mid_channels < 1:
@@ -81,7 +81,7 @@ def compose_depthwise_separable(dw_weight: Tensor, pw_weight: Tensor, in_channel
     ``dw_weight`` is ``(in * d, 1, k, k)`` (depth multiplier ``d``; channel ``i * d + j``
     reads input ``i``, PyTorch's grouped-conv layout) and ``pw_weight`` is
     ``(out, in * d, 1, 1)``; then ``F[o, i] = sum_j pw[o, i*d + j] * dw[i*d + j]``
-    (Howard et al. 2017, Sect. 3.1, read backwards). Exact for every padding mode: a
+    (the factorization of Howard et al. 2017, multiplied out). Exact for every padding mode: a
     bias-free pointwise convolution commutes with per-channel padding.
     """
     mid, k = dw_weight.shape[0], dw_weight.shape[-2:]
@@ -95,7 +95,7 @@ def compose_blueprint(pw_weight: Tensor, dw_weight: Tensor) -> Tensor:
     """Dense ``(out, in, k, k)`` kernel of pointwise-then-depthwise convolution (BSConv-U).
 
     ``F[n, m] = w[n, m] * B[n]`` with ``w = pw_weight[:, :, 0, 0]`` (``out x in``) and the
-    blueprints ``B = dw_weight[:, 0]`` (``out x k x k``): Haase & Amthor 2020, Eq. (1)
+    blueprints ``B = dw_weight[:, 0]`` (``out x k x k``): the blueprint definition of Haase & Amthor 2020
     ("each filter is one blueprint scaled along depth"). Exact for every padding mode,
     since a bias-free pointwise convolution commutes with per-channel padding.
     """
@@ -238,7 +238,7 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
 
 class BSConvU(_SeparableBlock):
     """Unconstrained blueprint separable convolution: pointwise 1x1, then depthwise k x k
-    (Haase & Amthor, CVPR 2020, Sect. 3.2).
+    (Haase & Amthor, CVPR 2020).
 
     Children: ``pw`` (``Conv2d(in, out, 1, bias=False)``), ``bn``
     (``BatchNorm2d(out, **bn_kwargs)``, only with ``with_bn=True``), ``dw``
@@ -269,7 +269,7 @@ class BSConvU(_SeparableBlock):
 
 class BSConvS(_SeparableBlock):
     """Subspace blueprint separable convolution: pointwise into ``M'`` channels, pointwise
-    out, depthwise k x k (Haase & Amthor, CVPR 2020, Sect. 3.3).
+    out, depthwise k x k (Haase & Amthor, CVPR 2020).
 
     ``M' = min(in, max(min_mid_channels, ceil(p * in)))``. Children: ``pw1``
     (``Conv2d(in, M', 1, bias=False)``, marked for the orthonormality penalty), ``bn1``
@@ -334,7 +334,7 @@ def penalty_sources(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def orthonormal_penalty(model: nn.Module, alpha: float = 0.1) -> Tensor:
     """The BSConv-S regularizer ``alpha * sum_layers ||W W^T - I||_F`` of a model (Haase &
-    Amthor 2020, Sect. 3.3; a sum, not a mean, as ``bsconv``'s ``reg_loss``).
+    Amthor 2020; a sum over layers, not a mean, as ``bsconv``'s ``reg_loss``).
 
     Exact. Returns a 0-dim tensor; a zero (without grad) when the model has no marked
     layer, so ``loss = criterion(out, y) + orthonormal_penalty(model)`` works for any model.

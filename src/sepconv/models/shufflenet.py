@@ -33,7 +33,7 @@ STAGE_CHANNELS = {
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """Interleave the channel groups: ``(g, c/g)`` -> ``(c/g, g)`` (Zhang et al. 2018, Sect. 3.1)."""
+    """Interleave the channel groups: ``(g, c/g)`` -> ``(c/g, g)`` (Zhang et al. 2018, ShuffleNet)."""
     b, c, h, w = x.shape
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
 
