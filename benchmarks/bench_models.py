@@ -98,7 +98,7 @@ def _blocks(batch: int, repeats: int, size: int) -> str:
 
 
 def run(quick: bool) -> str:
-    batch, repeats, size = (8, 2, 16) if quick else (64, 7, 32)
+    batch, repeats, size = (8, 2, 16) if quick else (64, 11, 32)
     return (f"Batch {batch}, 32x32 input (blocks: {size}x{size}), float32, {torch.get_num_threads()} threads; "
             f"medians of {repeats} interleaved repeats after a warm-up. Ratios compare against the first "
             "flavour of each model. For MobileNetV2, `regular` is the published (depthwise separable) network "
