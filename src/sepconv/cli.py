@@ -213,9 +213,40 @@ def _run_train(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- sepconv demo
+
+
+def _add_demo(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help="reproduce the four papers' headline claims at small scale (report.md + plots)",
+                       description="Train small networks on the bundled digits data (or --data) and measure each "
+                                   "paper's claim; writes OUT/report.md, OUT/report.json and OUT/plots/. "
+                                   "Runs in OUT/runs/ are reused, so an interrupted demo resumes.")
+    p.add_argument("--out", default="demo", metavar="DIR", help="output directory (default: demo)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute; for tests and CI)")
+    p.add_argument("--data", default="digits", help="dataset (default: the bundled digits)")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _run_demo(args) -> int:
+    from .data import DATASETS
+    from .demo import run_demo
+    from .errors import DataError
+
+    if args.data not in DATASETS:
+        raise DataError(f"unknown dataset {args.data!r}; known: {', '.join(DATASETS)}")
+    path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
+                    progress=args.progress)
+    print(f"report written to {path}")
+    return 0
+
+
 # ----------------------------------------------------------------- registry of commands
 
 COMMANDS: list[tuple[Callable, Callable]] = [
+    (_add_demo, _run_demo),
     (_add_train, _run_train),
     (_add_models, _run_models),
 ]

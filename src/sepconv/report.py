@@ -1,0 +1,172 @@
+"""Markdown reports whose every number comes from their JSON twin.
+
+A :class:`Report` holds sections; a section's numbers enter only through :meth:`Section.fill`
+(a sentence template with named values), :meth:`Section.table` (rows of values) and
+:meth:`Section.verdict`; each stores the values in the section's JSON data and renders them
+with :func:`fmt`. Plots are matplotlib figures saved as PNG next to the report. The paper's
+claim is stored as text (it is the paper's, not a measurement) and rendered as a quote.
+
+``report.write(out)`` writes ``report.md``, ``report.json`` and ``plots/*.png`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .io import atomic_path, atomic_write_text
+
+
+#: A number as a reader sees one: not part of a name such as "MobileNetV2", "ResNet-20" or "8x8".
+NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.]*\w)")
+
+
+def numbers(text: str) -> list[str]:
+    """The numbers in ``text`` (see :data:`NUMBER`)."""
+    return NUMBER.findall(text)
+
+
+def fmt(v: Any) -> str:
+    """How a value is printed in a report: ints with no decoration, floats to 4 significant
+    digits, booleans as yes/no, None as a dash."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def json_safe(v: Any) -> Any:
+    """Plain JSON types (tensors and numpy scalars become numbers, tuples lists)."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    claim: str
+    paper: str
+    data: dict = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+    plots: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+
+    def fill(self, template: str, **values: Any) -> None:
+        """A paragraph from ``template`` (``str.format`` fields) with ``values`` recorded in the
+        JSON under ``data['values']``. Literal numbers in the template are refused, so that no
+        number enters the text except through the data."""
+        literal = re.sub(r"\{[^}]*\}", " ", template)
+        if numbers(literal):
+            raise ValueError(f"report template has literal numbers (pass them as values): {template!r}")
+        store = self.data.setdefault("values", {})
+        for k, v in values.items():
+            store[k] = json_safe(v)
+        self.blocks.append(template.format(**{k: fmt(json_safe(v)) for k, v in values.items()}))
+
+    def text(self, text: str) -> None:
+        """A paragraph without numbers."""
+        self.fill(text.replace("{", "{{").replace("}", "}}"))
+
+    def table(self, key: str, columns: list[str], rows: list[dict], caption: str | None = None) -> None:
+        """A Markdown table of ``rows`` (dicts keyed by ``columns``), stored as ``data[key]``."""
+        rows = [json_safe({c: r.get(c) for c in columns}) for r in rows]
+        self.data[key] = rows
+        out = []
+        if caption:
+            self.text(caption)
+        out.append("| " + " | ".join(columns) + " |")
+        out.append("|" + "---|" * len(columns))
+        for r in rows:
+            out.append("| " + " | ".join(fmt(r[c]) for c in columns) + " |")
+        self.blocks.append("\n".join(out))
+
+    def plot(self, name: str, draw: Callable[[Any], None], caption: str) -> None:
+        """A PNG plot ``plots/<key>_<name>.png``; ``draw(ax)`` draws on a matplotlib axis."""
+        fname = f"{self.key}_{name}.png"
+
+        def render(path: Path) -> None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+            draw(ax)
+            fig.tight_layout()
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png")
+            plt.close(fig)
+
+        self.plots[fname] = render
+        self.data.setdefault("plots", []).append(f"plots/{fname}")
+        self.text(caption)
+        self.blocks.append(f"![{name}](plots/{fname})")
+
+    def verdict(self, held: bool | None, because: str, **values: Any) -> None:
+        """Whether the paper's claim held in our measurement, and why (a template as in fill)."""
+        self.data["held"] = held
+        word = {True: "**Held.**", False: "**Did not hold.**", None: "**Inconclusive.**"}[held]
+        self.fill(word + " " + because, **values)
+
+
+class Report:
+    def __init__(self, title: str, meta: dict | None = None):
+        self.title = title
+        self.meta = json_safe(meta or {})
+        self.sections: list[Section] = []
+        #: the run's own description (data, budget, machine), rendered under the title
+        self.run = Section("run", "", "", "")
+
+    def section(self, key: str, title: str, claim: str, paper: str) -> Section:
+        s = Section(key, title, claim, paper)
+        self.sections.append(s)
+        return s
+
+    def to_dict(self) -> dict:
+        return {
+            "title": self.title,
+            "meta": self.meta,
+            "run": self.run.data,
+            "sections": {s.key: {"title": s.title, "paper": s.paper, "claim": s.claim, **s.data}
+                         for s in self.sections},
+        }
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        for b in self.run.blocks:
+            lines += [b, ""]
+        for s in self.sections:
+            lines += ["", f"## {s.title}", "", f"*{s.paper}*", "", f"> **Claim.** {s.claim}", ""]
+            for b in s.blocks:
+                lines += [b, ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def write(self, out: str | Path) -> Path:
+        out = Path(out)
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        for s in [self.run, *self.sections]:
+            for fname, render in s.plots.items():
+                render(out / "plots" / fname)
+        atomic_write_text(out / "report.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(out / "report.md", self.markdown())
+        return out / "report.md"
