@@ -184,14 +184,14 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
                 upper, how = min(upper, math.sqrt(mu)), "cholesky"
                 break
             # some group has an eigenvalue above mu: LOBPCG missed it; restart from a fresh block
-            ritz = iterative.lobpcg(op, iterative.random_block(op, b + 2, seed + attempt + 1),
+            ritz = iterative.lobpcg(op, iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1),
                                     rtol=tol / 10, max_iter=max_iter)
             lower = max(lower, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
     return Bracket(lower, max(upper, lower), how, iterative.top_vector(op, ritz))
 
 
 def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
-               certificate_flops: float = CERTIFICATE_FLOPS) -> Tensor:
+               certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS) -> Tensor:
     """The largest singular value of the map ``nn.Conv2d`` computes at ``spec.in_size``, within ``tol``.
 
     **Exact** and certified for circulant geometries (:func:`circulant_norm`) and small
@@ -204,7 +204,7 @@ def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int 
     ks = spec.check(weight)
     if spec.is_circulant(ks):
         return circulant_norm(weight, spec, tol)
-    br = bracket(weight, spec, tol, max_iter, certificate_flops)
+    br = bracket(weight, spec, tol, max_iter, certificate_flops, dense_flops)
     if br.how == "dense" or br.vector is None:
         return torch.linalg.svdvals(spec.dense_operator(weight))[0]
     v = br.vector.to(weight.dtype)[None]

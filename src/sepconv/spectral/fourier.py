@@ -318,7 +318,7 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
                     best, arg = float(lam.flatten()[i]), (sl.start + i // g, i % g)
             f = (int(fh[arg[0]]), int(fw[arg[0]]))
             value = _exact_top(kernel, grid, plan, f, arg[1]) if kernel.dtype != torch.float64 else best
-            return BlockMax(value, value, f, arg[1])
+            return BlockMax(value, value * (1 + 16 * m * torch.finfo(torch.float64).eps), f, arg[1])
 
         # phase A: candidates by Rayleigh quotients
         rq = torch.cat([_rayleigh_lower(blocks(sl)).flatten() for sl in parts])

@@ -134,7 +134,7 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
 def block_size(op: GramOperator, memory_budget: float = 1.0e9, cap: int = 6) -> int:
     """LOBPCG block size: ``cap`` vectors per group, fewer if the ~8 blocks of float64 vectors
     LOBPCG keeps would exceed ``memory_budget`` bytes."""
-    return max(1, min(cap, int(memory_budget // (8 * 8 * op.g * op.dim))))
+    return max(1, min(cap, op.dim, int(memory_budget // (8 * 8 * op.g * op.dim))))
 
 
 def random_block(op: GramOperator, b: int, seed: int = 0) -> Tensor:
