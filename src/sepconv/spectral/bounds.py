@@ -41,7 +41,7 @@ def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6) -> Tensor:
     """
     maj, kernel, grid = _majorant_kernel(weight, spec)
     top = fourier.block_max(kernel.detach(), grid, tol)
-    value = fourier.block_value(kernel, grid, top.freq, top.group)
+    value = fourier.block_value(kernel, grid, top.freq, top.group, top.value)
     # the certified side: the block maximum may exceed the argmax block by tol (rounding of ~1e-16)
     return maj.factor * value * (math.sqrt(top.upper / top.value) if top.value > 0 else 1.0)
 

@@ -68,7 +68,7 @@ def circulant_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6) -> Tensor:
         raise ConfigError(f"circulant_norm: {spec.describe(ks)} is not a circulant geometry")
     kernel, grid = _circulant(weight, spec)
     top = fourier.block_max(kernel.detach(), grid, tol)
-    return fourier.block_value(kernel, grid, top.freq, top.group)
+    return fourier.block_value(kernel, grid, top.freq, top.group, top.value)
 
 
 def depthwise_norm(weight: Tensor, spec: ConvSpec) -> Tensor:

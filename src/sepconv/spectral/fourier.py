@@ -83,6 +83,13 @@ def _phases(fh: Tensor, fw: Tensor, grid: Sequence[int], pos_h: Tensor, pos_w: T
     return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
 
 
+def _dft(flat: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """``sum_t flat[:, t] e^{-i angle[t, f]}`` given ``c = cos angle``, ``s = sin angle``: ``(F, rows)``
+    complex, by one complex matmul laid out so that no transposing copy follows."""
+    cplx = torch.complex(c, -s).T  # (F, T)
+    return cplx @ flat.T.to(cplx.dtype)
+
+
 def symbol(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
     """Per-frequency blocks ``K^(w) = sum_a K[..., a] e^{-2 pi i <w, a>/N}`` at the given
     frequencies: ``(F, *kernel.shape[:-2])`` complex. Exact (a direct DFT, so kernels wider
@@ -91,9 +98,7 @@ def symbol(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tenso
     lead = kernel.shape[:-2]
     c, s = _phases(fh, fw, grid, torch.arange(qh, device=kernel.device), torch.arange(qw, device=kernel.device),
                    kernel.dtype)
-    flat = kernel.reshape(-1, qh * qw)
-    out = torch.complex(flat @ c, -(flat @ s))  # (prod(lead), F)
-    return out.T.reshape(fh.numel(), *lead)
+    return _dft(kernel.reshape(-1, qh * qw), c, s).reshape(fh.numel(), *lead)
 
 
 def spatial_gram(kernel: Tensor, side: str) -> Tensor:
@@ -101,39 +106,56 @@ def spatial_gram(kernel: Tensor, side: str) -> Tensor:
 
     ``side="in"``: ``G[delta] = sum_a K_a^T K_{a + delta}`` (``ci x ci``), the kernel of
     ``T^T T``; ``side="out"``: ``sum_a K_{a + delta} K_a^T`` (``co x co``), that of ``T T^T``.
-    Returns ``(g, m, m, 2 qh - 1, 2 qw - 1)`` with offset ``delta`` at index ``delta + q - 1``.
+    Returns ``(g, 2 qh - 1, 2 qw - 1, m, m)`` with offset ``delta`` at index ``delta + q - 1``.
     Its DFT is exactly the Gram block ``K^(w)^H K^(w)`` (resp. ``K^(w) K^(w)^H``). Exact.
     """
     g, co, ci, qh, qw = kernel.shape
-    t = qh * qw
-    if side == "in":
-        taps = kernel.permute(0, 3, 4, 2, 1).reshape(g, t * ci, co)  # rows (a, i)
-        m = ci
-    else:
-        taps = kernel.permute(0, 3, 4, 1, 2).reshape(g, t * co, ci)  # rows (a, o)
-        m = co
-    pairs = (taps @ taps.transpose(1, 2)).reshape(g, t, m, t, m)  # [a, i, b, j] = <K_a row i, K_b row j>
-    ah, aw = torch.arange(qh).repeat_interleave(qw), torch.arange(qw).repeat(qh)
-    # side "in": delta = pos(b) - pos(a) ; side "out": delta = pos(a) - pos(b)
-    sign = 1 if side == "in" else -1
-    dh = sign * (ah[None, :] - ah[:, None]) + qh - 1  # (a, b)
-    dw = sign * (aw[None, :] - aw[:, None]) + qw - 1
-    idx = (dh * (2 * qw - 1) + dw).flatten().to(kernel.device)  # (t*t,)
-    pairs = pairs.permute(0, 2, 4, 1, 3).reshape(g, m, m, t * t)
-    out = kernel.new_zeros(g, m, m, (2 * qh - 1) * (2 * qw - 1))
-    out.index_add_(3, idx, pairs)
-    return out.reshape(g, m, m, 2 * qh - 1, 2 * qw - 1)
+    m = ci if side == "in" else co
+    out = kernel.new_zeros(g, 2 * qh - 1, 2 * qw - 1, m, m)
+    for dh in range(qh):  # half of the offsets; G[-delta] = G[delta]^T
+        for dw in range(-(qw - 1), qw):
+            if dh == 0 and dw < 0:
+                continue
+            lo_w, hi_w = max(0, -dw), min(qw, qw - dw)
+            a = kernel[..., : qh - dh, lo_w:hi_w]  # taps at a
+            b = kernel[..., dh:, lo_w + dw: hi_w + dw]  # taps at a + delta
+            if side == "in":  # sum_a K_a^T K_{a+delta}: contract (co, taps)
+                A = a.permute(0, 3, 4, 1, 2).reshape(g, -1, ci)
+                B = b.permute(0, 3, 4, 1, 2).reshape(g, -1, ci)
+                blk = A.mT @ B
+            else:  # sum_a K_{a+delta} K_a^T: contract (ci, taps)
+                blk = b.reshape(g, co, -1) @ a.reshape(g, co, -1).mT
+            out[:, dh + qh - 1, dw + qw - 1] = blk
+            out[:, qh - 1 - dh, qw - 1 - dw] = blk.mT
+    return out
 
 
 def gram_symbol_from_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
-    """DFT of a spatial Gram kernel ``(g, m, m, Dh, Dw)`` at the given frequencies:
-    ``(F, g, m, m)`` Hermitian blocks (made exactly Hermitian). Exact."""
-    g, m, _, dh, dw = gk.shape
+    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` at the given frequencies: ``(F, g, m, m)``
+    Hermitian blocks (up to rounding; the consumers read one triangle). Exact."""
+    g, dh, dw, m, _ = gk.shape
     c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
-                   torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype)
-    flat = gk.reshape(-1, dh * dw)
-    out = torch.complex(flat @ c, -(flat @ s)).T.reshape(fh.numel(), g, m, m)
-    return 0.5 * (out + out.mH)
+                   torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
+    cplx = torch.complex(c, -s).T  # (F, D)
+    out = cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)  # (g, F, m*m)
+    return out.transpose(0, 1).reshape(fh.numel(), g, m, m)
+
+
+def spatial_scores(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
+    """``||G(w)||_F^2`` for every frequency, from a spatial Gram kernel ``(g, Dh, Dw, m, m)``
+    without forming the blocks: the DFT of the autocorrelation of the kernel's offset
+    slices, ``sum_{d, d'} <G_d, G_d'> e^{-i <w, d - d'>}``. Returns ``(F, g)``. Exact."""
+    g, dh, dw, m, _ = gk.shape
+    X = gk.reshape(g, dh * dw, m * m)
+    C = (X @ X.mT).reshape(g, dh, dw, dh, dw)  # <G_d, G_d'>
+    oh, ow = torch.arange(dh, device=gk.device), torch.arange(dw, device=gk.device)
+    idx = ((oh[:, None, None, None] - oh[None, None, :, None] + dh - 1) * (2 * dw - 1)
+           + (ow[None, :, None, None] - ow[None, None, None, :] + dw - 1))  # difference index of (d, d')
+    acc = gk.new_zeros(g, (2 * dh - 1) * (2 * dw - 1))
+    acc.index_add_(1, idx.flatten(), C.reshape(g, -1))
+    c, _ = _phases(fh, fw, grid, torch.arange(2 * dh - 1, device=gk.device) - (dh - 1),
+                   torch.arange(2 * dw - 1, device=gk.device) - (dw - 1), gk.dtype)
+    return (acc @ c).T  # the sine part cancels: acc is symmetric in the difference
 
 
 @dataclass(frozen=True)
@@ -242,14 +264,16 @@ def majorant(spec: ConvSpec, kernel_size: Sequence[int]) -> Majorant:
 
 #: Blocks up to this size get a full eigvalsh; larger ones the certify-by-Cholesky path.
 SMALL_BLOCK = 12
+#: Candidate blocks solved exactly before the certification pass (and per round after it).
+N_CANDIDATES = 8
 
 
 @dataclass(frozen=True)
 class BlockMax:
     """Largest Gram eigenvalue (``sigma_max^2``) over the frequency blocks of one circulant problem.
 
-    ``value`` is the exact largest eigenvalue of the maximising block (a lower bound on the
-    maximum; LAPACK ``eigvalsh`` in float64, backward stable); every other block is certified
+    ``value`` is the largest eigenvalue of the maximising block (LAPACK ``eigvalsh`` in the
+    kernel's precision, backward stable: a lower bound up to rounding); every block is certified
     ``<= upper`` (a Cholesky factorisation of ``upper I - G(w)`` succeeded, or its eigenvalues
     were computed). ``freq`` ``(u, v)`` and ``group`` locate the maximising block."""
 
@@ -259,22 +283,27 @@ class BlockMax:
     group: int
 
 
-def _rayleigh_lower(G: Tensor, iters: int = 4) -> Tensor:
-    """Rayleigh quotients of ``iters`` power steps on each block of ``G`` (``(..., m, m)``):
-    cheap lower bounds of each block's largest eigenvalue, used to pick candidates."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(G.shape[-1], 1, generator=gen, dtype=G.real.dtype).to(G.device, G.dtype).expand(*G.shape[:-1], 1)
-    for _ in range(iters):
-        v = G @ v
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(G.real.dtype).tiny)
-    return (v.mH @ G @ v).real[..., 0, 0]
-
-
-def _exact_top(kernel: Tensor, grid: Sequence[int], plan: GramPlan, f: tuple[int, int], grp: int) -> float:
-    """Largest eigenvalue of one Gram block, recomputed in float64 from the kernel."""
-    k64 = kernel[grp: grp + 1].to(torch.float64)
-    fh, fw = torch.tensor([f[0]], device=kernel.device), torch.tensor([f[1]], device=kernel.device)
-    return float(torch.linalg.svdvals(symbol(k64, grid, fh, fw)[0, 0]).max()) ** 2
+def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> Tensor:
+    """Flat indices (unique frequency * g + group) of the ``n`` largest local maxima of the
+    blocks' Frobenius norms over the periodic frequency grid: one candidate per peak of the
+    symbol rather than ``n`` neighbours of the same peak."""
+    g = spatial.shape[0]
+    ah, aw = all_frequencies(grid, spatial.device)
+    full = spatial_scores(spatial, grid, ah, aw).T.reshape(g, grid[0], grid[1])
+    peak = torch.ones_like(full, dtype=torch.bool)
+    for dh in (-1, 0, 1):
+        for dw in (-1, 0, 1):
+            if dh or dw:
+                peak &= full >= torch.roll(full, (dh, dw), (1, 2))
+    vals = torch.where(peak, full, torch.full_like(full, -1.0))
+    # representative of each (u, v): its position in the unique list, or that of (-u, -v)
+    pos = torch.full(grid, -1, dtype=torch.long, device=spatial.device)
+    pos[fh, fw] = torch.arange(fh.numel(), device=spatial.device)
+    pos[(-fh) % grid[0], (-fw) % grid[1]] = torch.arange(fh.numel(), device=spatial.device)
+    top = vals.flatten().topk(min(4 * n, vals.numel())).indices  # (group, u, v) flat; twins appear twice
+    grp, uv = top // (grid[0] * grid[1]), top % (grid[0] * grid[1])
+    idx = pos.flatten()[uv] * g + grp
+    return torch.unique_consecutive(idx)[:n] if idx.numel() else idx
 
 
 def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMax:
@@ -282,10 +311,10 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
 
     ``kernel`` is a stride-1 grouped kernel (:func:`circulant_kernel`). Exact: blocks up to
     :data:`SMALL_BLOCK` get their eigenvalues; larger ones are never fully decomposed --
-    candidates are picked by a few power steps, the best ones are solved exactly, and every
+    the blocks of largest Frobenius norm are solved exactly as candidates, and every
     other block is *certified* below ``value (1 + tol)^2`` by one Cholesky factorisation of
-    ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``); a block that fails is
-    solved exactly. The Gram blocks come from :func:`gram_blocks` in memory-bounded chunks.
+    ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``); the blocks that fail
+    are solved exactly. The Gram blocks come from :func:`gram_blocks` in memory-bounded chunks.
     Cost ``~ F m^3 / 3`` instead of the ``~ 20 F m^3`` of a full per-frequency SVD (Sedghi et
     al. 2019). Certified up to the rounding of the Cholesky factorisation in ``kernel.dtype``
     (relative ``O(m u)``; float64 recommended for guarantees).
@@ -308,53 +337,95 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
                 cache.append(G)
             return G
 
+        def solve(idx: Tensor) -> tuple[float, tuple[tuple[int, int], int]]:
+            """Top eigenvalue among the flat block indices ``idx`` (frequency * g + group)."""
+            fi, gi = idx // g, idx % g
+            G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan, spatial)[torch.arange(idx.numel()), gi]
+            lam = torch.linalg.eigvalsh(G)[..., -1]
+            j = int(idx[int(lam.argmax())])
+            return float(lam.max()), ((int(fh[j // g]), int(fw[j // g])), j % g)
+
         if m <= SMALL_BLOCK:
-            best, arg = -1.0, (0, 0)
+            best, arg = -1.0, 0
             for sl in parts:
                 G = blocks(sl)
                 lam = G.real[..., 0, 0] if m == 1 else torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
                 i = int(lam.argmax())
                 if float(lam.flatten()[i]) > best:
-                    best, arg = float(lam.flatten()[i]), (sl.start + i // g, i % g)
-            f = (int(fh[arg[0]]), int(fw[arg[0]]))
-            value = _exact_top(kernel, grid, plan, f, arg[1]) if kernel.dtype != torch.float64 else best
-            return BlockMax(value, value * (1 + 16 * m * torch.finfo(torch.float64).eps), f, arg[1])
+                    best, arg = float(lam.flatten()[i]), sl.start * g + i
+            f, grp = (int(fh[arg // g]), int(fw[arg // g])), arg % g
+            return BlockMax(best, best * (1 + 16 * m * torch.finfo(kernel.dtype).eps), f, grp)
 
-        # phase A: candidates by Rayleigh quotients
-        rq = torch.cat([_rayleigh_lower(blocks(sl)).flatten() for sl in parts])
-        n_cand = min(2, rq.numel())
-        best, arg = -1.0, ((0, 0), 0)
-        for i in rq.topk(n_cand).indices.tolist():
-            f, grp = (int(fh[i // g]), int(fw[i // g])), i % g
-            lam = _exact_top(kernel, grid, plan, f, grp)
-            if lam > best:
-                best, arg = lam, (f, grp)
-        # phase B: certify every block below mu, solve the ones that fail
-        eye = torch.eye(m, dtype=kernel.dtype, device=kernel.device)
+        # phase A: candidates -- local maxima of the Frobenius norm over the frequency grid
+        # (distinct peaks of the symbol), largest first, solved exactly
+        n_cand = max(1, min(N_CANDIDATES, fh.numel() * g // 16))
+        if spatial is not None:
+            score = spatial_scores(spatial, grid, fh, fw).flatten()
+            cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
+        else:
+            score = torch.cat([torch.view_as_real(blocks(sl)).square().sum((-3, -2, -1)).flatten() for sl in parts])
+            cand = score.topk(n_cand).indices
+        best, (f, grp) = solve(cand)
+        # phase B: certify every block below mu by Cholesky of mu I - G; solve the ones that fail
         mu = best * (1 + tol) ** 2
+        neg_spatial = (-spatial).to(torch.complex128 if kernel.dtype == torch.float64 else torch.complex64) \
+            if spatial is not None else None
         for sl in parts:
-            G = blocks(sl)
-            info = torch.linalg.cholesky_ex(mu * eye - G).info  # (f, g); > 0: not positive definite
-            for i in torch.nonzero(info.flatten() > 0).flatten().tolist():
-                fi, grp = sl.start + i // g, i % g
-                f = (int(fh[fi]), int(fw[fi]))
-                lam = _exact_top(kernel, grid, plan, f, grp)
-                if lam > best:
-                    best, arg = lam, (f, grp)
-            mu = max(mu, best * (1 + tol) ** 2)
+            if neg_spatial is not None:
+                A = gram_symbol_from_spatial(neg_spatial, grid, fh[sl], fw[sl])
+            else:
+                A = blocks(sl).neg_()  # the cache is no longer needed
+            A.diagonal(dim1=-2, dim2=-1).add_(mu)
+            A = A.flatten(0, 1)
+            failed = torch.nonzero(torch.linalg.cholesky_ex(A).info > 0).flatten()  # not positive definite
+            while failed.numel():
+                # solve the most promising failing blocks, raise mu, re-test the others
+                pick = failed[score[sl.start * g + failed].topk(min(N_CANDIDATES, failed.numel())).indices]
+                G = -A[pick]
+                G.diagonal(dim1=-2, dim2=-1).add_(mu)
+                lam = torch.linalg.eigvalsh(G)[..., -1]
+                i = int(lam.argmax())
+                if float(lam[i]) > best:
+                    j = int(pick[i])
+                    best, f, grp = float(lam[i]), (int(fh[sl.start + j // g]), int(fw[sl.start + j // g])), j % g
+                    new_mu = best * (1 + tol) ** 2
+                    A.diagonal(dim1=-2, dim2=-1).add_(new_mu - mu)
+                    mu = new_mu
+                failed = failed[~torch.isin(failed, pick)]
+                if failed.numel():
+                    failed = failed[torch.linalg.cholesky_ex(A[failed]).info > 0]
         rounding = 8 * m * torch.finfo(kernel.dtype).eps
-        return BlockMax(best, mu * (1 + rounding), arg[0], arg[1])
+        return BlockMax(best, max(mu, best) * (1 + rounding), f, grp)
 
 
-def block_value(kernel: Tensor, grid: Sequence[int], freq: tuple[int, int], group: int) -> Tensor:
-    """``sigma_max(K^(w))`` of one block, differentiable with respect to ``kernel`` (the
-    gradient of a maximum over blocks is that of its maximising block)."""
+def block_value(kernel: Tensor, grid: Sequence[int], freq: tuple[int, int], group: int,
+                lam: float | None = None) -> Tensor:
+    """``sigma_max(K^(w))`` of one block, differentiable with respect to ``kernel``.
+
+    Computed as ``||K^(w) v||`` with ``v`` the top right singular vector held constant -- found
+    by shifted inverse iteration on the Gram block, from its top eigenvalue ``lam`` when known
+    -- which has the gradient of ``sigma_max`` (and the gradient of a maximum over blocks is
+    that of its maximising block)."""
     fh = torch.tensor([freq[0]], device=kernel.device)
     fw = torch.tensor([freq[1]], device=kernel.device)
     blk = symbol(kernel[group: group + 1], grid, fh, fw)[0, 0]
     if min(blk.shape) == 1:
         return blk.abs().pow(2).sum().sqrt()
-    return torch.linalg.matrix_norm(blk, ord=2)
+    if max(blk.shape) <= SMALL_BLOCK:
+        return torch.linalg.matrix_norm(blk, ord=2)
+    with torch.no_grad():
+        G = blk.mH @ blk
+        if lam is None:
+            lam = float(torch.linalg.eigvalsh(G)[-1])
+        A = -G  # (lam (1 + 1e-3)) I - G is positive definite, nearly singular along the top vector
+        A.diagonal().add_(lam * (1 + 1e-3) + torch.finfo(kernel.dtype).tiny)
+        L = torch.linalg.cholesky_ex(A).L
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(G.shape[-1], 1, generator=gen, dtype=kernel.dtype).to(G)
+        for _ in range(6):
+            v = torch.cholesky_solve(v, L)
+            v = v / torch.linalg.vector_norm(v)
+    return torch.linalg.vector_norm(blk @ v)
 
 
 def all_block_singular_values(kernel: Tensor, grid: Sequence[int]) -> Tensor:
