@@ -112,31 +112,33 @@ def spatial_gram(kernel: Tensor, side: str) -> Tensor:
     g, co, ci, qh, qw = kernel.shape
     m = ci if side == "in" else co
     out = kernel.new_zeros(g, 2 * qh - 1, 2 * qw - 1, m, m)
+    kp = kernel.permute(0, 3, 4, 1, 2) if side == "in" else kernel.permute(0, 1, 2, 3, 4)
     for dh in range(qh):  # half of the offsets; G[-delta] = G[delta]^T
         for dw in range(-(qw - 1), qw):
             if dh == 0 and dw < 0:
                 continue
             lo_w, hi_w = max(0, -dw), min(qw, qw - dw)
-            a = kernel[..., : qh - dh, lo_w:hi_w]  # taps at a
-            b = kernel[..., dh:, lo_w + dw: hi_w + dw]  # taps at a + delta
-            if side == "in":  # sum_a K_a^T K_{a+delta}: contract (co, taps)
-                A = a.permute(0, 3, 4, 1, 2).reshape(g, -1, ci)
-                B = b.permute(0, 3, 4, 1, 2).reshape(g, -1, ci)
+            if side == "in":  # sum_a K_a^T K_{a+delta}: contract (taps, co); kp is (g, qh, qw, co, ci)
+                A = kp[:, : qh - dh, lo_w:hi_w].reshape(g, -1, ci)
+                B = kp[:, dh:, lo_w + dw: hi_w + dw].reshape(g, -1, ci)
                 blk = A.mT @ B
-            else:  # sum_a K_{a+delta} K_a^T: contract (ci, taps)
-                blk = b.reshape(g, co, -1) @ a.reshape(g, co, -1).mT
+            else:  # sum_a K_{a+delta} K_a^T: contract (ci, taps); kp is (g, co, ci, qh, qw)
+                A = kp[..., : qh - dh, lo_w:hi_w].reshape(g, co, -1)
+                B = kp[..., dh:, lo_w + dw: hi_w + dw].reshape(g, co, -1)
+                blk = B @ A.mT
             out[:, dh + qh - 1, dw + qw - 1] = blk
             out[:, qh - 1 - dh, qw - 1 - dw] = blk.mT
     return out
 
 
-def gram_symbol_from_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
-    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` at the given frequencies: ``(F, g, m, m)``
-    Hermitian blocks (up to rounding; the consumers read one triangle). Exact."""
+def gram_symbol_from_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0) -> Tensor:
+    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` (real, or already cast to complex) at the
+    given frequencies, times ``sign``: ``(F, g, m, m)`` Hermitian blocks (up to rounding; the
+    consumers read one triangle). Exact."""
     g, dh, dw, m, _ = gk.shape
     c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
                    torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
-    cplx = torch.complex(c, -s).T  # (F, D)
+    cplx = torch.complex(sign * c, -sign * s).T  # (F, D)
     out = cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)  # (g, F, m*m)
     return out.transpose(0, 1).reshape(fh.numel(), g, m, m)
 
@@ -283,13 +285,15 @@ class BlockMax:
     group: int
 
 
-def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> Tensor:
-    """Flat indices (unique frequency * g + group) of the ``n`` largest local maxima of the
-    blocks' Frobenius norms over the periodic frequency grid: one candidate per peak of the
-    symbol rather than ``n`` neighbours of the same peak."""
+def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Scores and candidates for :func:`block_max`: the Frobenius norms of all unique blocks
+    (flat index = unique frequency * g + group), and the flat indices of the ``n`` largest local
+    maxima of that norm over the periodic frequency grid -- one candidate per peak of the
+    symbol rather than ``n`` neighbours on the same peak."""
     g = spatial.shape[0]
     ah, aw = all_frequencies(grid, spatial.device)
     full = spatial_scores(spatial, grid, ah, aw).T.reshape(g, grid[0], grid[1])
+    score = full[:, fh, fw].T.flatten()
     peak = torch.ones_like(full, dtype=torch.bool)
     for dh in (-1, 0, 1):
         for dw in (-1, 0, 1):
@@ -298,12 +302,12 @@ def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tenso
     vals = torch.where(peak, full, torch.full_like(full, -1.0))
     # representative of each (u, v): its position in the unique list, or that of (-u, -v)
     pos = torch.full(grid, -1, dtype=torch.long, device=spatial.device)
-    pos[fh, fw] = torch.arange(fh.numel(), device=spatial.device)
     pos[(-fh) % grid[0], (-fw) % grid[1]] = torch.arange(fh.numel(), device=spatial.device)
+    pos[fh, fw] = torch.arange(fh.numel(), device=spatial.device)
     top = vals.flatten().topk(min(4 * n, vals.numel())).indices  # (group, u, v) flat; twins appear twice
     grp, uv = top // (grid[0] * grid[1]), top % (grid[0] * grid[1])
     idx = pos.flatten()[uv] * g + grp
-    return torch.unique_consecutive(idx)[:n] if idx.numel() else idx
+    return score, torch.unique_consecutive(idx)[:n]
 
 
 def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMax:
@@ -325,6 +329,8 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         plan = gram_plan(kernel, F_)
         m = plan.m
         spatial = spatial_gram(kernel, plan.side) if plan.spatial else None
+        if spatial is not None and m > SMALL_BLOCK:  # cast once for every DFT below
+            spatial_c = spatial.to(torch.complex128 if kernel.dtype == torch.float64 else torch.complex64)
         per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
         parts = list(chunks(F_, per_freq))
         cache: list[Tensor] = []
@@ -340,7 +346,8 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         def solve(idx: Tensor) -> tuple[float, tuple[tuple[int, int], int]]:
             """Top eigenvalue among the flat block indices ``idx`` (frequency * g + group)."""
             fi, gi = idx // g, idx % g
-            G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan, spatial)[torch.arange(idx.numel()), gi]
+            G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan, spatial_c if spatial is not None else None)
+            G = G[torch.arange(idx.numel()), gi]
             lam = torch.linalg.eigvalsh(G)[..., -1]
             j = int(idx[int(lam.argmax())])
             return float(lam.max()), ((int(fh[j // g]), int(fw[j // g])), j % g)
@@ -360,19 +367,16 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         # (distinct peaks of the symbol), largest first, solved exactly
         n_cand = max(1, min(N_CANDIDATES, fh.numel() * g // 16))
         if spatial is not None:
-            score = spatial_scores(spatial, grid, fh, fw).flatten()
-            cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
+            score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
         else:
             score = torch.cat([torch.view_as_real(blocks(sl)).square().sum((-3, -2, -1)).flatten() for sl in parts])
             cand = score.topk(n_cand).indices
         best, (f, grp) = solve(cand)
         # phase B: certify every block below mu by Cholesky of mu I - G; solve the ones that fail
         mu = best * (1 + tol) ** 2
-        neg_spatial = (-spatial).to(torch.complex128 if kernel.dtype == torch.float64 else torch.complex64) \
-            if spatial is not None else None
         for sl in parts:
-            if neg_spatial is not None:
-                A = gram_symbol_from_spatial(neg_spatial, grid, fh[sl], fw[sl])
+            if spatial is not None:
+                A = gram_symbol_from_spatial(spatial_c, grid, fh[sl], fw[sl], sign=-1.0)
             else:
                 A = blocks(sl).neg_()  # the cache is no longer needed
             A.diagonal(dim1=-2, dim2=-1).add_(mu)
