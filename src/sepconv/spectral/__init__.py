@@ -9,6 +9,7 @@ result is **exact**, a **certified upper bound**, or an **estimate**.
 """
 
 from .bounds import fantastic_four, fft_bound, gram_iteration, reshape_norm
+from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from .exact import (
     METHODS,
     Bracket,
@@ -21,20 +22,30 @@ from .exact import (
     spectral_norm,
 )
 from .iterative import power_iteration
+from .network import Certificate, LayerRecord, analyze, certified_accuracy, lipschitz_bound
 from .spec import PADDING_MODES, ConvSpec
 
 __all__ = [
+    "Certificate",
+    "LayerRecord",
     "METHODS",
     "PADDING_MODES",
     "Bracket",
     "ConvSpec",
+    "analyze",
+    "batchnorm_lipschitz",
     "bracket",
+    "certified_accuracy",
+    "chain_norm",
     "circulant_norm",
     "depthwise_norm",
     "exact_norm",
     "fantastic_four",
     "fft_bound",
     "gram_iteration",
+    "linear_norm",
+    "lipschitz_bound",
+    "merge_chain",
     "norm_bracket",
     "power_iteration",
     "reshape_norm",

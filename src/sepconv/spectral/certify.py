@@ -37,6 +37,26 @@ def tap_matrices_1d(n: int, k: int, s: int, d: int, lo: int, hi: int, mode: str,
     return torch.stack([J[s * y + d * a] for a in range(k)])
 
 
+def _row_taps(weight: Tensor, spec: ConvSpec) -> Tensor:
+    kh = weight.shape[-2]
+    t, b = spec.pads(weight.shape[-2:])[:2]
+    return tap_matrices_1d(spec.in_size[0], kh, spec.stride[0], spec.dilation[0], t, b, spec.padding_mode)
+
+
+def _band(Sh: Tensor) -> int:
+    nz = torch.nonzero(Sh.abs().sum((0, 1)) > 0)
+    return int((nz[:, 0] - nz[:, 1]).abs().max()) if nz.numel() else 0
+
+
+def certificate_cost(weight: Tensor, spec: ConvSpec) -> tuple[float, float]:
+    """``(flops, bytes)`` of :class:`BandedGram` + :func:`cholesky_certificate`, without building it."""
+    Ph = _row_taps(weight, spec)
+    B = _band(torch.einsum("ayx,byz->abxz", Ph, Ph))
+    g, H, kh = spec.groups, spec.in_size[0], weight.shape[-2]
+    m = float(weight.shape[1] * spec.in_size[1])
+    return g * H * (1 / 3 + B + B * B + 1) * m ** 3, 8.0 * g * (kh * kh + (B + 1) ** 2 + 2) * m ** 2
+
+
 class BandedGram:
     """The Gram operator ``A = T^T T`` of ``(weight, spec)`` as a block-banded matrix: image rows
     are block rows, blocks ``(g, cW, cW)`` (``c = C_in/g``), bandwidth :attr:`band` block rows."""
@@ -59,22 +79,11 @@ class BandedGram:
         # Q[g, a_h, b_h] = sum_{a_w, b_w} M[.., a_w, .., b_w, ..] (x) Sw[a_w, b_w]  ->  (g, kh, kh, ci*W, ci*W)
         Q = torch.einsum("gpuiqvj,uvxz->gpqixjz", M, Sw)
         self.Q = Q.reshape(g, kh, kh, ci * W, ci * W)
-        nz = torch.nonzero(self.Sh.abs().sum((0, 1)) > 0)
-        self.band = int((nz[:, 0] - nz[:, 1]).abs().max()) if nz.numel() else 0
+        self.band = _band(self.Sh)
 
     @property
     def block(self) -> int:
         return self.c * self.W
-
-    def cost(self) -> float:
-        """Flops of one certificate (block Cholesky + band updates)."""
-        B = self.band
-        return self.g * self.H * (1 / 3 + B + B * B + 1) * float(self.block) ** 3
-
-    def memory(self) -> float:
-        """Bytes held: the tap-pair blocks plus ``(B+1)^2`` factor blocks."""
-        kh = self.Q.shape[1]
-        return 8.0 * self.g * (kh * kh + (self.band + 1) ** 2 + 2) * self.block ** 2
 
     def blk(self, i: int, j: int) -> Tensor:
         """The block ``A[row i, row j]``, ``(g, cW, cW)``."""

@@ -135,7 +135,7 @@ def _warm_start(op: iterative.GramOperator, kernel: Tensor, maj: fourier.Majoran
 
 def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
             certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS,
-            seed: int = 0) -> Bracket:
+            seed: int = 0, lower: bool = True) -> Bracket:
     """Certified ``lower <= sigma_max(T) <= upper`` for any geometry, aiming at ``upper/lower <= 1 + tol``.
 
     Circulant: exact (both ends within ``tol``). Small operators: a dense SVD. Otherwise
@@ -143,7 +143,8 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     eigenvalue of ``T^T T`` lies that close to the top Ritz value), then the upper end is the
     smallest of the circulant majorant, Fantastic Four, and -- if affordable -- the banded
     Cholesky certificate at ``lower (1 + tol)``. If nothing certifies ``tol`` the bracket is
-    still valid, only wider.
+    still valid, only wider. ``lower=False`` skips the iteration when no certificate can use it
+    (the lower end is then 0).
     """
     ks = spec.check(weight)
     w64 = weight.detach().to(torch.float64)
@@ -164,30 +165,27 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
         s = float(torch.linalg.svdvals(spec.dense_operator(w64))[0])
         margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
         return Bracket(s * (1 - margin), min(upper, s * (1 + margin)), "dense")
+    flops, nbytes = certify.certificate_cost(w64, spec)
+    affordable = flops <= certificate_flops and nbytes <= CERTIFICATE_BYTES
+    if not lower and not affordable:
+        return Bracket(0.0, upper, how)
     op = iterative.GramOperator(w64, spec)
     b = iterative.block_size(op)
     X0 = _warm_start(op, kernel, maj, top, b, seed)
     ritz = iterative.lobpcg(op, X0, rtol=tol / 10, max_iter=max_iter)
-    lower = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
-    if upper > lower * (1 + tol):
-        bg = None
+    lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
+    if upper > lo * (1 + tol) and affordable:
+        bg = certify.BandedGram(w64, spec)
         for attempt in range(3):
-            if bg is None:
-                try:
-                    bg = certify.BandedGram(w64, spec)
-                except torch.OutOfMemoryError:  # pragma: no cover - depends on the machine
-                    break
-                if bg.cost() > certificate_flops or bg.memory() > CERTIFICATE_BYTES:
-                    break
-            mu = (lower * (1 + tol)) ** 2
+            mu = (lo * (1 + tol)) ** 2
             if bool(certify.cholesky_certificate(bg, mu).all()):
                 upper, how = min(upper, math.sqrt(mu)), "cholesky"
                 break
             # some group has an eigenvalue above mu: LOBPCG missed it; restart from a fresh block
             ritz = iterative.lobpcg(op, iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1),
                                     rtol=tol / 10, max_iter=max_iter)
-            lower = max(lower, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
-    return Bracket(lower, max(upper, lower), how, iterative.top_vector(op, ritz))
+            lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
+    return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
 
 
 def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
