@@ -159,8 +159,8 @@ def test_power_iteration_is_a_lower_estimate_that_resumes_from_its_vector():
     spec = ConvSpec((8, 8), 1, 1, "zeros")
     w = rand(6, 6, 3, 3, seed=10)
     sigma = dense_sigma(w, spec)
-    s1, x = power_iteration(w, spec, iters=3)
-    s2, x = power_iteration(w, spec, iters=300, x=x)
+    s1, x = power_iteration(w, spec, iters=3, generator=torch.Generator().manual_seed(0))
+    s2, x = power_iteration(w, spec, iters=500, x=x)
     assert float(s1) <= float(s2) <= sigma * (1 + 1e-12)
     assert float(s2) >= sigma * (1 - 1e-3)
 
