@@ -262,14 +262,14 @@ def test_lipschitz_bound_exceeds_the_empirical_ratio_for_every_zoo_model(name):
     c = info.input_size[0]
     model = _randomize_bn(create_model(name, num_classes=5, in_chans=c, width=0.25).double(), 3)
     shape = (c, 16, 16)
-    try:
-        L = lipschitz_bound(model, shape, tol=1e-2)
+    try:  # the circular-embedding bound: certified and cheap enough for deep zoo models
+        L = lipschitz_bound(model, shape, method="fft")
         radius = None
     except UnsupportedLayerError as e:
         if "input_bound" not in str(e):
             raise
         radius = 10.0
-        L = lipschitz_bound(model, shape, tol=1e-2, input_bound=radius)
+        L = lipschitz_bound(model, shape, method="fft", input_bound=radius)
     assert math.isfinite(L) and L > 0
     assert empirical_lipschitz(model, shape, steps=20, restarts=1, radius=radius) <= L
 

@@ -285,6 +285,34 @@ class BlockMax:
     group: int
 
 
+def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
+    """``||K^(w)||_F^2`` on the half grid ``(g, N_h, N_w//2 + 1)`` by a separable real DFT of the
+    kernel (two small matmuls; taps wider than the grid wrap around). For blocks that are
+    vectors (depthwise convs, depth multipliers, their polyphase forms) this is
+    ``sigma_max(K^(w))^2``: the closed form ``max |K^_c(w)|^2`` summed over aliases
+    (reference/spectral.md Sec. 1). Exact."""
+    nh, nw = grid
+    qh, qw = kernel.shape[-2:]
+    dt, dev = kernel.dtype, kernel.device
+
+    def cs(q: int, n: int, m: int) -> tuple[Tensor, Tensor]:
+        ang = (torch.arange(q, dtype=torch.float64)[:, None] * torch.arange(m, dtype=torch.float64)[None, :]) % n
+        ang = ang * (2 * math.pi / n)
+        return torch.cos(ang).to(dev, dt), torch.sin(ang).to(dev, dt)
+
+    cw, sw = cs(qw, nw, nw // 2 + 1)  # (qw, Mw')
+    ch, sh = cs(qh, nh, nh)  # (qh, Mh)
+    lead = kernel.shape[:-2]
+    n, mw = math.prod(lead), nw // 2 + 1
+    flat = kernel.reshape(n * qh, qw)
+    A = (flat @ cw).reshape(n, qh, mw).transpose(1, 2).reshape(n * mw, qh)  # rows (item, v)
+    B = (flat @ sw).reshape(n, qh, mw).transpose(1, 2).reshape(n * mw, qh)
+    re = A @ ch - B @ sh  # (n * Mw', Mh): sum_ab k cos(th_h + th_w)
+    im = A @ sh + B @ ch  # minus the imaginary part; squared anyway
+    power = (re.square() + im.square()).reshape(*lead, mw, nh).transpose(-1, -2)  # (g, co, ci, Mh, Mw')
+    return power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
+
+
 def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Scores and candidates for :func:`block_max`: the Frobenius norms of all unique blocks
     (flat index = unique frequency * g + group), and the flat indices of the ``n`` largest local
@@ -313,7 +341,8 @@ def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tenso
 def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMax:
     """``max_w sigma_max(K^(w))^2`` over the unique frequencies of ``grid`` and all groups.
 
-    ``kernel`` is a stride-1 grouped kernel (:func:`circulant_kernel`). Exact: blocks up to
+    ``kernel`` is a stride-1 grouped kernel (:func:`circulant_kernel`). Exact: vector blocks
+    (depthwise) by the closed form :func:`vector_block_power`; blocks up to
     :data:`SMALL_BLOCK` get their eigenvalues; larger ones are never fully decomposed --
     the blocks of largest Frobenius norm are solved exactly as candidates, and every
     other block is *certified* below ``value (1 + tol)^2`` by one Cholesky factorisation of
@@ -324,6 +353,12 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
     (relative ``O(m u)``; float64 recommended for guarantees).
     """
     with torch.no_grad():
+        if min(kernel.shape[1], kernel.shape[2]) == 1:  # vector blocks (depthwise): |K^(w)|^2 by FFT
+            power = vector_block_power(kernel, grid)  # (g, Mh, Mw//2 + 1)
+            i = int(power.argmax())
+            g_i, u, v = i // power[0].numel(), (i // power.shape[2]) % power.shape[1], i % power.shape[2]
+            best = float(power.flatten()[i])
+            return BlockMax(best, best * (1 + 16 * torch.finfo(kernel.dtype).eps), (u, v), g_i)
         fh, fw = unique_frequencies(grid, kernel.device)
         F_, g = fh.numel(), kernel.shape[0]
         plan = gram_plan(kernel, F_)
@@ -356,7 +391,7 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
             best, arg = -1.0, 0
             for sl in parts:
                 G = blocks(sl)
-                lam = G.real[..., 0, 0] if m == 1 else torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
+                lam = torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
                 i = int(lam.argmax())
                 if float(lam.flatten()[i]) > best:
                     best, arg = float(lam.flatten()[i]), sl.start * g + i
