@@ -14,6 +14,7 @@ from sepconv.spectral import (
     bracket,
     circulant_norm,
     depthwise_norm,
+    depthwise_norms,
     exact_norm,
     fantastic_four,
     fft_bound,
@@ -86,6 +87,21 @@ def test_depthwise_closed_form_is_max_abs_fft_with_stride_aliases():
     expected = float(alias.max().sqrt())
     assert abs(float(depthwise_norm(w, spec)) - expected) <= 1e-12 * expected
     assert abs(dense_sigma(w, spec) - expected) <= 1e-9 * expected
+
+
+def test_batched_depthwise_norms_match_per_layer_values_and_pass_gradcheck():
+    specs = [ConvSpec((8, 8), 1, 1, "circular", groups=3), ConvSpec((8, 8), 2, 1, "circular", groups=2),
+             ConvSpec((8, 8), 1, 1, "circular", groups=4), ConvSpec((7, 6), 1, 1, "zeros", groups=2),
+             ConvSpec((8, 8), 1, 2, "circular", dilation=2, groups=2)]
+    ws = [rand(3, 1, 3, 3, seed=20), rand(2, 1, 3, 3, seed=21), rand(8, 1, 3, 3, seed=22),  # multiplier 2
+          rand(2, 1, 3, 3, seed=23), rand(2, 1, 3, 3, seed=24)]
+    got = depthwise_norms(ws, specs)
+    for i in (0, 1, 2, 4):
+        assert math.isclose(float(got[i]), dense_sigma(ws[i], specs[i]), rel_tol=1e-9)
+    assert math.isclose(float(got[3]), float(fft_bound(ws[3], specs[3])), rel_tol=1e-6)
+    assert float(got[3]) >= dense_sigma(ws[3], specs[3])
+    params = tuple(w.clone().requires_grad_() for w in ws)
+    assert torch.autograd.gradcheck(lambda *p: depthwise_norms(list(p), specs), params, eps=1e-6, atol=1e-5)
 
 
 def test_grouped_norm_is_the_max_over_groups_not_a_product():

@@ -87,6 +87,40 @@ def depthwise_norm(weight: Tensor, spec: ConvSpec) -> Tensor:
     return circulant_norm(weight, spec)
 
 
+def depthwise_norms(weights: list[Tensor], specs: list[ConvSpec]) -> Tensor:
+    """Spectral norms of many depthwise convolutions at once, differentiable: ``(len(weights),)``.
+
+    Layers with the same kernel size and circulant majorant are stacked along the channel axis
+    and evaluated by one separable DFT (:func:`fourier.vector_block_power`), then maximised per
+    layer: ``sigma^2 = max_c max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019;
+    Runkel et al. 2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding);
+    for zero, reflect or replicate padding the value is the **certified upper bound** of
+    :func:`bounds.fft_bound` (circular embedding; times the padding factor). Gradients flow to
+    every weight (the subgradient of the maximum).
+    """
+    if len(weights) != len(specs):
+        raise ConfigError(f"depthwise_norms: {len(weights)} weights but {len(specs)} specs")
+    out: list[Tensor | None] = [None] * len(weights)
+    batches: dict[tuple, list[int]] = {}
+    majorants = []
+    for i, (w, spec) in enumerate(zip(weights, specs)):
+        ks = spec.check(w, name=f"weights[{i}]")
+        if w.shape[1] != 1:
+            raise ConfigError(f"depthwise_norms: weights[{i}] {tuple(w.shape)} is not depthwise (C_in/groups must be 1)")
+        maj = fourier.majorant(spec, ks)
+        majorants.append(maj)
+        key = (tuple(ks), maj.grid, maj.stride, spec.dilation, w.shape[0] // spec.groups, w.dtype, w.device)
+        batches.setdefault(key, []).append(i)
+    for (ks, grid, stride, dilation, *_), idx in batches.items():
+        kernels = [fourier.circulant_kernel(weights[i], stride, dilation, specs[i].groups) for i in idx]
+        power = fourier.vector_block_power(torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1]))
+        start = 0
+        for i, k in zip(idx, kernels):
+            out[i] = majorants[i].factor * power[start: start + k.shape[0]].max().sqrt()
+            start += k.shape[0]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 def singular_values(weight: Tensor, spec: ConvSpec, dense_limit: float = DENSE_FLOPS) -> Tensor:
     """Every singular value of the layer (``min(rows, cols)`` of them), sorted descending.
 
