@@ -176,9 +176,7 @@ def bench_single_layers(quick: bool) -> str:
             v = fn()
             cols.append(f"{v / exact:.5f} / {(time.perf_counter() - t0) * 1e3:.0f} ms")
         rows.append(cols)
-    return ("### Single layers, zero padding (k3, stride 1, PyTorch default init)
-
-"
+    return ("### Single layers, zero padding (k3, stride 1, PyTorch default init)\n\n"
             "Certified upper bounds: ratio to the exact norm / time. `ours` = `norm_bracket` upper at tol "
             "1e-4 (LOBPCG lower end + banded Cholesky certificate); `fft` = circular embedding at N = n+1; "
             "`gram` = Gram iteration (6 steps) at the same N; `f4` = Fantastic Four. The anchors measured "
