@@ -11,7 +11,6 @@ from torch import nn
 
 from sepconv.errors import UnsupportedLayerError
 from sepconv.models import create_model, list_models, model_info
-from sepconv.spectral import ConvSpec, spectral_norm
 from sepconv.spectral.composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from sepconv.spectral.network import (
     ACTIVATION_LIPSCHITZ,

@@ -477,25 +477,3 @@ def all_block_singular_values(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     for sl in chunks(fh.numel(), g * co * ci * kernel.element_size() * 4):
         out.append(torch.linalg.svdvals(symbol(kernel, grid, fh[sl], fw[sl])).flatten())
     return torch.cat(out).sort(descending=True).values
-
-
-def top_eigenvalues(kernel: Tensor, grid: Sequence[int], count: int) -> Tensor:
-    """The ``count`` largest eigenvalues (with multiplicity, conjugate frequencies included) of
-    the Gram operator ``C^T C`` on the *input* side of the circulant convolution, per group:
-    ``(g, count)``, descending, zero-filled. Exact (eigvalsh per frequency block, in chunks)."""
-    with torch.no_grad():
-        fh, fw = unique_frequencies(grid, kernel.device)
-        g, co, ci = kernel.shape[:3]
-        nh, nw = grid
-        twin = ~(((fh * 2) % nh == 0) & ((fw * 2) % nw == 0))  # w != -w: the block appears twice
-        plan = gram_plan(kernel, fh.numel())
-        spatial = spatial_gram(kernel, plan.side) if plan.spatial else None
-        best = kernel.new_zeros(g, 0)
-        for sl in chunks(fh.numel(), g * plan.m * plan.m * kernel.element_size() * 6):
-            lam = torch.linalg.eigvalsh(gram_blocks(kernel, grid, fh[sl], fw[sl], plan, spatial))  # (f, g, m)
-            lam = torch.cat([lam, lam[twin[sl]]], 0)  # duplicate the conjugate twins
-            lam = lam.permute(1, 0, 2).reshape(g, -1)
-            best = torch.cat([best, lam], 1).topk(min(count, best.shape[1] + lam.shape[1]), dim=1).values
-        if best.shape[1] < count:
-            best = torch.cat([best, best.new_zeros(g, count - best.shape[1])], 1)
-        return best.clamp_min(0)

@@ -113,9 +113,6 @@ class ConvSpec:
         return cls(in_size=_pair(in_size, "in_size"), stride=tuple(conv.stride), padding=pads,
                    padding_mode=conv.padding_mode, dilation=tuple(conv.dilation), groups=conv.groups)
 
-    def with_in_size(self, in_size: int | Sequence[int]) -> "ConvSpec":
-        return ConvSpec(in_size, self.stride, self.padding, self.padding_mode, self.dilation, self.groups)
-
     # ------------------------------------------------------------------ derived geometry
 
     def pads(self, kernel_size: Sequence[int]) -> tuple[int, int, int, int]:
