@@ -304,13 +304,15 @@ def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     ch, sh = cs(qh, nh, nh)  # (qh, Mh)
     lead = kernel.shape[:-2]
     n, mw = math.prod(lead), nw // 2 + 1
-    flat = kernel.reshape(n * qh, qw)
-    A = (flat @ cw).reshape(n, qh, mw).transpose(1, 2).reshape(n * mw, qh)  # rows (item, v)
-    B = (flat @ sw).reshape(n, qh, mw).transpose(1, 2).reshape(n * mw, qh)
-    re = A @ ch - B @ sh  # (n * Mw', Mh): sum_ab k cos(th_h + th_w)
-    im = A @ sh + B @ ch  # minus the imaginary part; squared anyway
-    power = (re.square() + im.square()).reshape(*lead, mw, nh).transpose(-1, -2)  # (g, co, ci, Mh, Mw')
-    return power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
+    # stage 1 (along w): [A | B] = K [cos | sin]; stage 2 (along h) in one GEMM:
+    # [re | im] = [A | B] [[cos_h, sin_h], [-sin_h, cos_h]]  (im is minus the imaginary part)
+    AB = (kernel.reshape(n * qh, qw) @ torch.cat([cw, sw], 1)).reshape(n, qh, 2, mw)
+    AB = AB.permute(0, 3, 2, 1).reshape(n * mw, 2 * qh)  # rows (item, v), columns (A | B, a)
+    rot = torch.cat([torch.cat([ch, sh], 1), torch.cat([-sh, ch], 1)], 0)  # (2 qh, 2 Mh)
+    reim = (AB @ rot).reshape(n, mw, 2, nh)
+    power = reim.square().sum(2).reshape(*lead, mw, nh)  # (g, co, ci, Mw', Mh)
+    power = power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
+    return power.transpose(-1, -2)
 
 
 def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -400,7 +402,7 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
 
         # phase A: candidates -- local maxima of the Frobenius norm over the frequency grid
         # (distinct peaks of the symbol), largest first, solved exactly
-        n_cand = max(1, min(N_CANDIDATES, fh.numel() * g // 16))
+        n_cand = max(1, min(N_CANDIDATES * 64 // m, fh.numel() * g // 16))
         if spatial is not None:
             score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
         else:
@@ -419,7 +421,8 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
             failed = torch.nonzero(torch.linalg.cholesky_ex(A).info > 0).flatten()  # not positive definite
             while failed.numel():
                 # solve the most promising failing blocks, raise mu, re-test the others
-                pick = failed[score[sl.start * g + failed].topk(min(N_CANDIDATES, failed.numel())).indices]
+                n_pick = min(failed.numel(), max(1, N_CANDIDATES * 64 // m))  # eigvalsh costs m^3 per block
+                pick = failed[score[sl.start * g + failed].topk(n_pick).indices]
                 G = -A[pick]
                 G.diagonal(dim1=-2, dim2=-1).add_(mu)
                 lam = torch.linalg.eigvalsh(G)[..., -1]

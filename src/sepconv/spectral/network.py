@@ -466,7 +466,9 @@ class _Propagator:
 def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = "upper", tol: float = 1e-3,
                     input_bound: float | None = None) -> float:
     """A **certified upper bound** on the Lipschitz constant of ``model`` (l2, one sample of
-    ``input_shape = (C, H, W)``), in eval mode, by propagation over its ``torch.fx`` graph.
+    ``input_shape = (C, H, W)``), in eval mode, by propagation over its ``torch.fx`` graph: the
+    composition bound of Szegedy et al. 2014 (arXiv 1312.6199, Sec. 4.3) with the refinements
+    of the module docstring.
 
     Linear chains (conv, BatchNorm, pointwise conv) are merged before they are bounded;
     convolutions are bounded at the input size they see by ``method``: ``upper`` (the
