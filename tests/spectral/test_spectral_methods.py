@@ -230,6 +230,15 @@ def test_spectral_norm_dispatches_every_method():
     assert spectral_norm(w, spec).dim() == 0
 
 
+def test_norm_bracket_in_float32_still_brackets_the_float64_value():
+    spec = ConvSpec((6, 5), 1, 1, "zeros")
+    w = rand(4, 3, 3, 3, seed=14)
+    sigma = dense_sigma(w, spec)
+    lo, up = norm_bracket(w.float(), spec, tol=1e-6)
+    assert lo.dtype == up.dtype == torch.float32
+    assert float(lo) <= sigma <= float(up)
+
+
 def test_float32_weights_give_float32_results_close_to_float64():
     spec = ConvSpec((8, 8), 1, 1, "circular")
     w = rand(16, 16, 3, 3, seed=13)

@@ -37,7 +37,8 @@ def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6) -> Tensor:
     FFT(n) at ``N = n`` is *not* a bound). Circular geometries: **exact** (Sedghi et al. 2019,
     Thm. 6, with the polyphase form for stride). The block maximum is certified per
     frequency (:func:`fourier.block_max`, relative ``tol``); differentiable through the
-    maximising block.
+    maximising block. Computed in the weight's precision: float64 weights make the guarantee
+    hold beyond float32 rounding (~1e-6 relative).
     """
     maj, kernel, grid = _majorant_kernel(weight, spec)
     top = fourier.block_max(kernel.detach(), grid, tol)

@@ -254,8 +254,15 @@ def norm_bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, **kw) -> tup
     circulant majorant or Fantastic Four. See :func:`bracket` for the options.
     """
     br = bracket(weight, spec, tol, **kw)
-    mk = lambda v: torch.tensor(v, dtype=weight.dtype, device=weight.device)  # noqa: E731
-    return mk(br.lower), mk(br.upper)
+    return _outward(br.lower, weight, -math.inf), _outward(br.upper, weight, math.inf)
+
+
+def _outward(v: float, like: Tensor, direction: float) -> Tensor:
+    """``v`` in ``like``'s dtype, rounded towards ``direction`` so a bracket stays a bracket."""
+    t = torch.tensor(v, dtype=like.dtype, device=like.device)
+    if (float(t) - v) * direction < 0:
+        t = torch.nextafter(t, torch.tensor(direction, dtype=like.dtype, device=like.device))
+    return t
 
 
 METHODS = ("exact", "fft", "gram", "fantastic4", "power", "reshape")
