@@ -1,0 +1,284 @@
+"""Methods, gradients, special structure and bad input of sepconv.spectral."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sepconv.errors import ConfigError, UnsupportedLayerError
+from sepconv.spectral import (
+    ConvSpec,
+    bracket,
+    circulant_norm,
+    depthwise_norm,
+    depthwise_norms,
+    exact_norm,
+    fantastic_four,
+    fft_bound,
+    gram_iteration,
+    norm_bracket,
+    power_iteration,
+    reshape_norm,
+    singular_values,
+    spectral_norm,
+)
+from sepconv.spectral import fourier
+
+
+def rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def dense_sigma(w, spec):
+    return float(torch.linalg.svdvals(spec.dense_operator(w))[0])
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("fn", [
+    lambda w, s: fft_bound(w, s),
+    lambda w, s: gram_iteration(w, s, iters=4),
+    lambda w, s: fantastic_four(w, s),
+], ids=["fft", "gram", "fantastic4"])
+@pytest.mark.parametrize("spec", [
+    ConvSpec((6, 6), 1, 1, "zeros"),
+    ConvSpec((6, 4), (2, 1), (1, 1, 0, 2), "zeros", (1, 2), 2),
+    ConvSpec((6, 6), 2, 1, "circular"),
+], ids=["zeros", "strided-dilated-grouped", "circular"])
+def test_certified_bounds_pass_gradcheck(fn, spec):
+    w = rand(4, 2 if spec.groups == 1 else 1, 3, 3, seed=1).requires_grad_()
+    if spec.groups == 2:
+        w = rand(4, 1, 3, 3, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fn(x, spec), (w,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, shape", [
+    (ConvSpec((6, 6), 1, 1, "circular"), (3, 2, 3, 3)),
+    (ConvSpec((8, 6), (2, 3), (1, 1, 1, 1), "circular"), (3, 2, 3, 3)),
+    (ConvSpec((8, 8), 2, (1, 2, 1, 2), "circular", groups=4), (4, 1, 4, 4)),  # depthwise, stride alias
+    (ConvSpec((6, 6), 1, 0, "zeros", groups=2), (6, 1, 1, 1)),  # pointwise: circulant for any mode
+])
+def test_circulant_exact_passes_gradcheck(spec, shape):
+    w = rand(*shape, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: circulant_norm(x, spec), (w,), eps=1e-6, atol=1e-5)
+
+
+def test_exact_gradient_for_zero_padding_is_that_of_the_dense_top_singular_value():
+    spec = ConvSpec((6, 5), 1, 1, "zeros")
+    w = rand(3, 2, 3, 3, seed=3).requires_grad_()
+    (g_ours,) = torch.autograd.grad(exact_norm(w, spec, dense_flops=0), w)
+    (g_dense,) = torch.autograd.grad(torch.linalg.svdvals(spec.dense_operator(w))[0], w)
+    torch.testing.assert_close(g_ours, g_dense, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_depthwise_closed_form_is_max_abs_fft_with_stride_aliases():
+    C, n, s = 5, 12, 2
+    w = rand(C, 1, 3, 3, seed=4)
+    spec = ConvSpec((n, n), s, 1, "circular", groups=C)
+    power = torch.fft.fft2(w[:, 0], s=(n, n)).abs() ** 2  # (C, n, n)
+    alias = power.reshape(C, s, n // s, s, n // s).mean((1, 3))  # (1/s^2) sum over the s^2 aliases
+    expected = float(alias.max().sqrt())
+    assert abs(float(depthwise_norm(w, spec)) - expected) <= 1e-12 * expected
+    assert abs(dense_sigma(w, spec) - expected) <= 1e-9 * expected
+
+
+def test_batched_depthwise_norms_match_per_layer_values_and_pass_gradcheck():
+    specs = [ConvSpec((8, 8), 1, 1, "circular", groups=3), ConvSpec((8, 8), 2, 1, "circular", groups=2),
+             ConvSpec((8, 8), 1, 1, "circular", groups=4), ConvSpec((7, 6), 1, 1, "zeros", groups=2),
+             ConvSpec((8, 8), 1, 2, "circular", dilation=2, groups=2)]
+    ws = [rand(3, 1, 3, 3, seed=20), rand(2, 1, 3, 3, seed=21), rand(8, 1, 3, 3, seed=22),  # multiplier 2
+          rand(2, 1, 3, 3, seed=23), rand(2, 1, 3, 3, seed=24)]
+    got = depthwise_norms(ws, specs)
+    for i in (0, 1, 2, 4):
+        assert math.isclose(float(got[i]), dense_sigma(ws[i], specs[i]), rel_tol=1e-9)
+    assert math.isclose(float(got[3]), float(fft_bound(ws[3], specs[3])), rel_tol=1e-6)
+    assert float(got[3]) >= dense_sigma(ws[3], specs[3])
+    params = tuple(w.clone().requires_grad_() for w in ws)
+    assert torch.autograd.gradcheck(lambda *p: depthwise_norms(list(p), specs), params, eps=1e-6, atol=1e-5)
+
+
+def test_grouped_norm_is_the_max_over_groups_not_a_product():
+    spec = ConvSpec((6, 6), 1, 1, "circular", groups=2)
+    w = rand(4, 3, 3, 3, seed=5)
+    w[2:] *= 0.5  # a weaker second group
+    per_group = [float(circulant_norm(w[2 * i:2 * i + 2], ConvSpec((6, 6), 1, 1, "circular"))) for i in range(2)]
+    assert math.isclose(float(circulant_norm(w, spec)), max(per_group), rel_tol=1e-12)
+
+
+def test_pointwise_norm_is_the_matrix_norm_for_every_padding_mode_and_stride():
+    w = rand(6, 4, 1, 1, seed=6)
+    P = float(torch.linalg.matrix_norm(w[:, :, 0, 0], ord=2))
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        spec = ConvSpec((6, 6), 2, 0, mode)
+        assert math.isclose(float(exact_norm(w, spec)), P, rel_tol=1e-12)
+        assert math.isclose(float(reshape_norm(w)), P, rel_tol=1e-12)
+
+
+def test_block_max_certifies_large_blocks_without_full_eigendecomposition(monkeypatch):
+    # m > SMALL_BLOCK takes the Cholesky path; tiny chunks exercise the memory-bounded loop
+    kernel = fourier.circulant_kernel(rand(24, 20, 3, 3, seed=7), (1, 1), (1, 1), 1)
+    grid = (7, 6)
+    fh, fw = fourier.unique_frequencies(grid)
+    plan = fourier.gram_plan(kernel, fh.numel())
+    lam = torch.linalg.eigvalsh(fourier.gram_blocks(kernel, grid, fh, fw, plan))[..., -1].max()
+    monkeypatch.setattr(fourier, "CHUNK_BYTES", 20 * 20 * 16 * 3)
+    top = fourier.block_max(kernel, grid, tol=1e-9)
+    assert top.value <= float(lam) * (1 + 1e-12) and top.upper >= float(lam)
+    assert abs(top.value - float(lam)) <= 1e-10 * float(lam)
+
+
+def test_spatial_and_frequency_gram_routes_agree():
+    kernel = fourier.circulant_kernel(rand(5, 3, 3, 2, seed=8), (2, 1), (1, 2), 1)
+    grid = (4, 9)
+    fh, fw = fourier.all_frequencies(grid)
+    for side in ("in", "out"):
+        m = kernel.shape[2] if side == "in" else kernel.shape[1]
+        a = fourier.gram_blocks(kernel, grid, fh, fw, fourier.GramPlan(side, m, True))
+        b = fourier.gram_blocks(kernel, grid, fh, fw, fourier.GramPlan(side, m, False))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_bracket_for_zero_padding_is_certified_by_cholesky_and_tight():
+    spec = ConvSpec((7, 6), 1, 1, "zeros")
+    w = rand(12, 10, 3, 3, seed=9)
+    sigma = dense_sigma(w, spec)
+    br = bracket(w, spec, tol=1e-6, dense_flops=0)
+    assert br.how == "cholesky"
+    assert br.lower <= sigma <= br.upper <= br.lower * (1 + 1e-6) * (1 + 1e-12)
+    # the circular embedding alone is loose at this size
+    assert float(fft_bound(w, spec)) > sigma * 1.001
+    lo, up = norm_bracket(w, spec)
+    assert float(lo) <= sigma <= float(up)
+
+
+def test_fft_at_the_input_size_is_not_a_bound_but_the_embedding_is():
+    # reference/spectral.md Sec. 2: the zero-padded norm can exceed FFT(N = n)
+    found = False
+    for seed in range(40):
+        w = rand(1, 1, 3, 3, seed=seed)
+        zero = ConvSpec((5, 5), 1, 1, "zeros")
+        sigma = dense_sigma(w, zero)
+        at_n = float(circulant_norm(w, ConvSpec((5, 5), 1, 1, "circular")))
+        assert float(fft_bound(w, zero)) >= sigma * (1 - 1e-12)
+        found |= sigma > at_n * (1 + 1e-6)
+    assert found
+
+
+def test_power_iteration_is_a_lower_estimate_that_resumes_from_its_vector():
+    spec = ConvSpec((8, 8), 1, 1, "zeros")
+    w = rand(6, 6, 3, 3, seed=10)
+    sigma = dense_sigma(w, spec)
+    s1, x = power_iteration(w, spec, iters=3, generator=torch.Generator().manual_seed(0))
+    s2, x = power_iteration(w, spec, iters=500, x=x)
+    assert float(s1) <= float(s2) <= sigma * (1 + 1e-12)
+    assert float(s2) >= sigma * (1 - 1e-3)
+
+
+def test_reshape_norm_is_what_torch_spectral_norm_divides_by():
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(rand(6, 4, 3, 3, seed=11))
+    w = conv.weight.detach().clone()
+    sn = nn.utils.parametrizations.spectral_norm(conv, n_power_iterations=200)
+    sn.train()
+    sn(torch.zeros(1, 4, 5, 5, dtype=torch.float64))
+    ratio = float(w.flatten()[0] / sn.weight.detach().flatten()[0])
+    assert math.isclose(ratio, float(reshape_norm(w)), rel_tol=1e-8)
+
+
+def test_reshape_norm_is_neither_a_bound_nor_exact_for_depthwise():
+    spec = ConvSpec((16, 16), 1, 1, "circular", groups=16)
+    deltas = torch.zeros(16, 1, 3, 3, dtype=torch.float64)
+    deltas[:, 0, 1, 1] = 1  # identity: true norm 1, reshape sqrt(C) = 4
+    assert math.isclose(float(circulant_norm(deltas, spec)), 1.0) and math.isclose(float(reshape_norm(deltas)), 4.0)
+    single = torch.zeros(1, 1, 3, 3, dtype=torch.float64) + 1 / 3
+    spec1 = ConvSpec((16, 16), 1, 1, "circular")
+    assert math.isclose(float(reshape_norm(single)), 1.0) and math.isclose(float(circulant_norm(single, spec1)), 3.0)
+
+
+def test_spec_of_matches_the_module_for_every_padding_form():
+    torch.manual_seed(0)
+    convs = [
+        nn.Conv2d(4, 6, (2, 4), padding="same", dilation=(1, 2)),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 8, 3, padding=(2, 1), padding_mode="replicate", groups=4),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", groups=4),
+        nn.Conv2d(4, 6, 5, stride=(1, 2), padding="valid", dilation=2),
+    ]
+    x = torch.randn(2, 4, 11, 10)
+    for conv in convs:
+        spec = ConvSpec.of(conv, (11, 10))
+        expected = conv(x) - (conv.bias[None, :, None, None] if conv.bias is not None else 0)
+        torch.testing.assert_close(spec.apply(x, conv.weight), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spectral_norm_dispatches_every_method():
+    spec = ConvSpec((6, 6), 1, 1, "zeros")
+    w = rand(3, 3, 3, 3, seed=12)
+    sigma = dense_sigma(w, spec)
+    vals = {m: float(spectral_norm(w, spec, m)) for m in ("exact", "fft", "gram", "fantastic4", "power", "reshape")}
+    assert math.isclose(vals["exact"], sigma, rel_tol=1e-6)
+    assert vals["fft"] >= sigma and vals["gram"] >= vals["fft"] * (1 - 1e-9) and vals["fantastic4"] >= sigma
+    assert vals["power"] <= sigma * (1 + 1e-12)
+    assert spectral_norm(w, spec).dim() == 0
+
+
+def test_norm_bracket_in_float32_still_brackets_the_float64_value():
+    spec = ConvSpec((6, 5), 1, 1, "zeros")
+    w = rand(4, 3, 3, 3, seed=14)
+    sigma = dense_sigma(w, spec)
+    lo, up = norm_bracket(w.float(), spec, tol=1e-6)
+    assert lo.dtype == up.dtype == torch.float32
+    assert float(lo) <= sigma <= float(up)
+
+
+def test_float32_weights_give_float32_results_close_to_float64():
+    spec = ConvSpec((8, 8), 1, 1, "circular")
+    w = rand(16, 16, 3, 3, seed=13)
+    for m in ("exact", "fft", "gram", "fantastic4"):
+        v32 = spectral_norm(w.float(), spec, m)
+        assert v32.dtype == torch.float32
+        assert math.isclose(float(v32), float(spectral_norm(w, spec, m)), rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_a_clear_error():
+    spec = ConvSpec((6, 6), 1, 1)
+    w = rand(2, 2, 3, 3)
+    for bad in (float("nan"), float("inf")):
+        w2 = w.clone()
+        w2[0, 0, 0, 0] = bad
+        with pytest.raises(ConfigError, match="NaN or Inf"):
+            spectral_norm(w2, spec)
+    with pytest.raises(ConfigError, match="larger than the padded input"):
+        spectral_norm(rand(2, 2, 9, 9), spec)
+    with pytest.raises(ConfigError, match="circular 'same'"):
+        spectral_norm(rand(2, 2, 2, 2), ConvSpec((6, 6), 1, "same", "circular"))
+    with pytest.raises(ConfigError, match="not divisible by groups"):
+        spectral_norm(rand(3, 1, 3, 3), ConvSpec((6, 6), 1, 1, groups=2))
+    with pytest.raises(ConfigError, match="unknown method"):
+        spectral_norm(w, spec, method="svd")
+    with pytest.raises(ConfigError, match="reflect padding"):
+        spectral_norm(w, ConvSpec((3, 3), 1, 3, "reflect"))
+    with pytest.raises(ConfigError, match="4-D"):
+        spectral_norm(rand(2, 2, 3), spec)
+    with pytest.raises(ConfigError, match="stride 1"):
+        ConvSpec((6, 6), 2, "same")
+    with pytest.raises(ConfigError, match="padding_mode"):
+        ConvSpec((6, 6), padding_mode="mirror")
+    with pytest.raises(ConfigError, match="not a circulant"):
+        circulant_norm(w, spec)
+    with pytest.raises(ConfigError, match="too large for a dense SVD"):
+        singular_values(rand(2, 2, 3, 3), ConvSpec((64, 64), 1, 1), dense_limit=1e3)
+    for module in (nn.ConvTranspose2d(2, 2, 3), nn.Conv3d(2, 2, 3), nn.Conv1d(2, 2, 3), nn.Linear(2, 2)):
+        with pytest.raises(UnsupportedLayerError, match=type(module).__name__):
+            ConvSpec.of(module, (6, 6))
