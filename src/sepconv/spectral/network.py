@@ -149,6 +149,26 @@ def pool_lipschitz(kind: str, in_hw: Sequence[int], out_hw: Sequence[int], kerne
 # --------------------------------------------------------------------------- tracing
 
 
+def pad_lipschitz(shape: Sequence[int], pad: Sequence[int], mode: str = "constant") -> float:
+    """Exact Lipschitz constant of ``F.pad(x, pad, mode)`` on inputs of ``shape``.
+
+    Constant padding (any fill value) only adds fixed entries (or crops, for negative pads):
+    an isometry up to a constant, so 1. Reflect, replicate and circular padding copy input
+    values; the map is a 0/1 matrix with one 1 per row, so its norm is ``sqrt`` of the
+    largest number of copies of one input value, a product over the padded dimensions
+    (as :func:`sepconv.spectral.spec.norm_of_padding`).
+    """
+    if mode == "constant":
+        return 1.0
+    copies = 1
+    for i in range(len(pad) // 2):
+        n = int(shape[-1 - i])
+        idx = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
+        padded = F.pad(idx, (pad[2 * i], pad[2 * i + 1]), mode=mode)
+        copies *= int(torch.bincount(padded.flatten().long(), minlength=n).max())
+    return math.sqrt(copies)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace`` with a one-line error for models fx cannot trace."""
     try:
@@ -434,6 +454,10 @@ class _Propagator:
             kw.update({("kernel" if k == "kernel_size" else k): v for k, v in n.kwargs.items() if k in names + ["kernel_size"]})
             kw.pop("ceil_mode", None)
             return self.arg_L(x) * pool_lipschitz(kind, self.hw(x), self.hw(n), **kw)
+        if t is F.pad:
+            pad = args[1] if len(args) > 1 else n.kwargs["pad"]
+            mode = args[2] if len(args) > 2 else n.kwargs.get("mode", "constant")
+            return self.arg_L(x) * pad_lipschitz(self.rec.shape[x], pad, mode)
         if t is F.linear:
             w = args[1]
             if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
