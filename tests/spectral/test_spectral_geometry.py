@@ -16,6 +16,7 @@ from sepconv.spectral import (
     bracket,
     exact_norm,
     fantastic_four,
+    fantastic_four_terms,
     fft_bound,
     gram_iteration,
     power_iteration,
@@ -79,7 +80,7 @@ def test_exact_matches_dense_svd_and_every_bound_holds_for_any_geometry(case):
     assert abs(float(exact_norm(w, spec)) - sigma) <= 1e-6 * sigma
     br = bracket(w, spec, tol=1e-6, dense_flops=0)
     assert br.lower <= sigma * (1 + 1e-12) and br.upper >= sigma * (1 - 1e-12)
-    for bound in (fft_bound(w, spec), gram_iteration(w, spec), fantastic_four(w, spec)):
+    for bound in (fft_bound(w, spec), gram_iteration(w, spec), fantastic_four(w, spec), *fantastic_four_terms(w, spec)):
         assert float(bound) >= sigma * (1 - 1e-10)
     assert float(power_iteration(w, spec, iters=5)[0]) <= sigma * (1 + 1e-10)
 

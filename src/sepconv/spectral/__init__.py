@@ -8,7 +8,7 @@ result is **exact**, a **certified upper bound**, or an **estimate**.
 >>> spectral_norm(conv.weight, spec, method="exact")
 """
 
-from .bounds import fantastic_four, fft_bound, gram_iteration, reshape_norm
+from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, reshape_norm
 from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from .exact import (
     METHODS,
@@ -43,6 +43,7 @@ __all__ = [
     "depthwise_norms",
     "exact_norm",
     "fantastic_four",
+    "fantastic_four_terms",
     "fft_bound",
     "gram_iteration",
     "linear_norm",

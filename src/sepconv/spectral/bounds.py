@@ -88,18 +88,8 @@ def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6) -> Tensor:
     return maj.factor * schatten(blk)[0, 0]
 
 
-def fantastic_four(weight: Tensor, spec: ConvSpec) -> Tensor:
-    """Fantastic Four bound ``sqrt(h w) min(||R||, ||S||, ||T||, ||U||)`` (Singla & Feizi, ICLR 2021,
-    arXiv 1911.10258, Thm. 1), per group, maximised over groups: a **certified upper bound**.
-
-    ``R, S, T, U`` are the four reshapes of the ``(c_out, c_in, h, w)`` kernel (``R``:
-    ``(c_out h) x (c_in w)``, ``S``: ``(c_out w) x (c_in h)``, ``T``: ``c_out x (c_in h w)``, ``U``:
-    ``c_in x (c_out h w)``); the norms are exact matrix 2-norms. The proof writes the layer as
-    ``sum_ab L_ab (x) P_ab`` with shift matrices of norm <= 1, so it holds for zero and circular
-    padding, any stride and dilation, independently of the input size; for reflect/replicate
-    padding and repeated circular outputs it is multiplied by the majorant factor (the norm of
-    the padding map / row repetition). Differentiable.
-    """
+def _fantastic_four_groups(weight: Tensor, spec: ConvSpec) -> Tensor:
+    """``sqrt(h w) factor (||R_g||, ||S_g||, ||T_g||, ||U_g||)`` per group ``g``: ``(4, groups)``."""
     kh, kw = spec.check(weight)
     g = spec.groups
     c_out, ci = weight.shape[:2]
@@ -111,9 +101,34 @@ def fantastic_four(weight: Tensor, spec: ConvSpec) -> Tensor:
         k.reshape(g, co, ci * kh * kw),  # T
         k.permute(0, 2, 1, 3, 4).reshape(g, ci, co * kh * kw),  # U
     )
-    norms = torch.stack([torch.linalg.matrix_norm(m, ord=2) for m in mats])  # (4, g)
-    factor = fourier.majorant(spec, (kh, kw)).factor
-    return factor * math.sqrt(kh * kw) * norms.min(0).values.max()
+    norms = torch.stack([torch.linalg.matrix_norm(m, ord=2) for m in mats])
+    return fourier.majorant(spec, (kh, kw)).factor * math.sqrt(kh * kw) * norms
+
+
+def fantastic_four_terms(weight: Tensor, spec: ConvSpec) -> Tensor:
+    """The four Fantastic Four bounds ``sqrt(h w) (||R||, ||S||, ||T||, ||U||)`` (Singla & Feizi,
+    ICLR 2021, arXiv 1911.10258, Thm. 1), each maximised over groups: a ``(4,)`` tensor of
+    **certified upper bounds**; :func:`fantastic_four` is their minimum.
+
+    ``R, S, T, U`` are the four reshapes of the ``(c_out, c_in, h, w)`` kernel (``R``:
+    ``(c_out h) x (c_in w)``, ``S``: ``(c_out w) x (c_in h)``, ``T``: ``c_out x (c_in h w)``, ``U``:
+    ``c_in x (c_out h w)``); the norms are exact matrix 2-norms. The proof writes the layer as
+    ``sum_ab L_ab (x) P_ab`` with shift matrices of norm <= 1, so it holds for zero and circular
+    padding, any stride and dilation, independently of the input size; for reflect/replicate
+    padding and repeated circular outputs it is multiplied by the majorant factor (the norm of
+    the padding map / row repetition). A grouped conv is block-diagonal, so each bound is the
+    maximum over groups. Differentiable.
+    """
+    return _fantastic_four_groups(weight, spec).max(1).values
+
+
+def fantastic_four(weight: Tensor, spec: ConvSpec) -> Tensor:
+    """Fantastic Four bound ``sqrt(h w) min(||R||, ||S||, ||T||, ||U||)`` (Singla & Feizi, ICLR 2021,
+    arXiv 1911.10258, Thm. 1), the smallest of the four per group, maximised over groups (the
+    operator is block-diagonal): a **certified upper bound** for zero and circular padding, any
+    stride and dilation (see :func:`fantastic_four_terms`). Differentiable.
+    """
+    return _fantastic_four_groups(weight, spec).min(0).values.max()
 
 
 def reshape_norm(weight: Tensor) -> Tensor:
