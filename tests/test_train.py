@@ -122,3 +122,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train(TrainConfig(**TINY, epochs=1, out=str(tmp_path)), progress=False)
     with pytest.raises(CheckpointError, match="width"):
         train(TrainConfig(**{**TINY, "width": 1.0}, epochs=2, out=str(tmp_path)), progress=False, resume=True)
+
+
+def test_bsconv_s_mobilenet_trains_with_the_penalty_logged_and_falling(tmp_path):
+    from sepconv.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "bss"
+    assert main(["train", "--model", "cifar_mobilenet_v2", "--conv", "bsconv_s", "--width", "0.25",
+                 "--image-size", "8", "--epochs", "3", "--batch-size", "64", "--no-progress", "--out", str(out)]) == 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    pen = [r["loss_bsconv"] for r in lines]  # alpha defaults to 0.1 for conv=bsconv_s
+    assert all(p > 0 for p in pen) and pen[-1] < pen[0]
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["bsconv_alpha"] == 0.1
