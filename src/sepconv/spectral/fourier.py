@@ -304,13 +304,18 @@ def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     ch, sh = cs(qh, nh, nh)  # (qh, Mh)
     lead = kernel.shape[:-2]
     n, mw = math.prod(lead), nw // 2 + 1
-    # stage 1 (along w): [A | B] = K [cos | sin]; stage 2 (along h) in one GEMM:
-    # [re | im] = [A | B] [[cos_h, sin_h], [-sin_h, cos_h]]  (im is minus the imaginary part)
+    # stage 1 (along w): [A | B] = K [cos | sin]; stage 2 (along h), one GEMM each for
+    # re = A cos_h - B sin_h and im = A sin_h + B cos_h (minus the imaginary part), so that both
+    # come out contiguous and |K^|^2 = re^2 + im^2 is formed in place (memory-bound: one pass)
     AB = (kernel.reshape(n * qh, qw) @ torch.cat([cw, sw], 1)).reshape(n, qh, 2, mw)
     AB = AB.permute(0, 3, 2, 1).reshape(n * mw, 2 * qh)  # rows (item, v), columns (A | B, a)
-    rot = torch.cat([torch.cat([ch, sh], 1), torch.cat([-sh, ch], 1)], 0)  # (2 qh, 2 Mh)
-    reim = (AB @ rot).reshape(n, mw, 2, nh)
-    power = reim.square().sum(2).reshape(*lead, mw, nh)  # (g, co, ci, Mw', Mh)
+    re = AB @ torch.cat([ch, -sh], 0)  # (n Mw', Mh)
+    im = AB @ torch.cat([sh, ch], 0)
+    if kernel.requires_grad and torch.is_grad_enabled():
+        power = torch.addcmul(re * re, im, im)
+    else:  # no graph to keep: square in place
+        power = re.mul_(re).addcmul_(im, im)
+    power = power.view(*lead, mw, nh)  # (g, co, ci, Mw', Mh)
     power = power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
     return power.transpose(-1, -2)
 
