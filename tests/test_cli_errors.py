@@ -67,3 +67,22 @@ def test_a_pickle_where_weights_are_expected_is_refused(capsys, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(capsys, tmp_path):
     code, err = run(capsys, "train", "--resume", "--out", str(tmp_path / "empty"), "--epochs", "1")
     assert_one_line(code, err, "last.pt")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["demo", "--data", "no_such_data"], ["no_such_data"]),
+    (["demo", "--data", "cifar10"], ["cifar10"]),  # no --data-dir: nothing to read
+    (["demo", "--device", "cuda:7"], ["cuda:7"]),
+    (["demo", "--device", "toaster"], ["toaster"]),
+    (["train", "--device", "cuda:7", "--epochs", "1"], ["cuda:7"]),
+])
+def test_demo_and_train_refuse_bad_data_and_devices_before_any_work(capsys, tmp_path, argv, words):
+    code, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert_one_line(code, err, *words)
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_demo_with_a_missing_data_directory_names_it(capsys, tmp_path):
+    code, err = run(capsys, "demo", "--data", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+                    "--out", str(tmp_path / "o"))
+    assert_one_line(code, err, "nowhere")

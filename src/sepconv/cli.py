@@ -240,6 +240,8 @@ def _run_demo(args) -> int:
     path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
                     progress=args.progress)
     print(f"report written to {path}")
+    return 0
+
 # ----------------------------------------------------------------- sepconv spectrum
 
 

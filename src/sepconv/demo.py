@@ -550,8 +550,14 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
     """Run every section and write the report; returns the path of ``report.md``."""
     from . import __version__
 
+    from .data import load_dataset
+    from .train import resolve_device
+
     out = Path(out)
     budget = Budget.for_run(quick)
+    resolve_device(device)  # bad input fails here, before any work
+    for split in ("train", "test"):
+        load_dataset(data, data_dir, split=split, image_size=budget.image_size)
     t0 = time.perf_counter()
     report = Report("sepconv demo: four papers' claims at small scale",
                     meta={"quick": quick, "data": data, "device": device, "budget": budget.__dict__,

@@ -334,6 +334,26 @@ def evaluate(model: nn.Module, data, batch_size: int = 500, device: torch.device
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when present, else CPU) as a
+    ``torch.device``; a clear :class:`ConfigError` for a malformed name or a device this
+    machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device name (cpu, cuda, cuda:N, mps or auto)") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r} is not available on this machine "
+                          f"({torch.cuda.device_count()} CUDA devices); use --device cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported (cpu, cuda, cuda:N, mps or auto)")
+    return dev
+
+
 def _to_device(x: Tensor, y: Tensor, device, channels_last: bool) -> tuple[Tensor, Tensor]:
     x = x.to(device, non_blocking=True)
     if channels_last:
@@ -377,7 +397,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
 
     cfg.validate()
     hooks = hooks if hooks is not None else default_hooks(cfg)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     d = _init_distributed(device)
     if d.world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
