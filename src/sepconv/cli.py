@@ -227,6 +227,7 @@ def _add_demo(sub) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's demo-results block from the new report")
     return p
 
 
@@ -237,8 +238,12 @@ def _run_demo(args) -> int:
 
     if args.data not in DATASETS:
         raise DataError(f"unknown dataset {args.data!r}; known: {', '.join(DATASETS)}")
+    if args.readme is not None:
+        from .report import check_readme
+
+        check_readme(args.readme)  # before the long work
     path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
-                    progress=args.progress)
+                    progress=args.progress, readme=args.readme)
     print(f"report written to {path}")
     return 0
 

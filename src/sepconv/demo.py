@@ -546,8 +546,9 @@ SECTIONS: list[Callable[[Context, Report], None]] = [section_runkel, section_he,
 
 
 def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits", data_dir: str | None = None,
-             device: str = "cpu", progress: bool = True) -> Path:
-    """Run every section and write the report; returns the path of ``report.md``."""
+             device: str = "cpu", progress: bool = True, readme: str | Path | None = None) -> Path:
+    """Run every section and write the report; returns the path of ``report.md``. With ``readme``,
+    that file's results block is rewritten from the new report (:func:`sepconv.report.update_readme`)."""
     from . import __version__
 
     from .data import load_dataset
@@ -584,4 +585,10 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
                     "{threads} threads; wall time {wall} s.", data=data, size=budget.image_size,
                     epochs=budget.epochs, torch=torch.__version__, threads=torch.get_num_threads(),
                     wall=round(time.perf_counter() - t0, 1))
-    return report.write(out)
+    report.run.data["summary"] = [report.run.blocks[-1]]
+    path = report.write(out)
+    if readme is not None:
+        from .report import update_readme
+
+        update_readme(readme, out)
+    return path
