@@ -282,3 +282,18 @@ def test_bad_input_gets_a_clear_error():
     for module in (nn.ConvTranspose2d(2, 2, 3), nn.Conv3d(2, 2, 3), nn.Conv1d(2, 2, 3), nn.Linear(2, 2)):
         with pytest.raises(UnsupportedLayerError, match=type(module).__name__):
             ConvSpec.of(module, (6, 6))
+
+
+@pytest.mark.parametrize("stride,mult,mode", [(1, 1, "zeros"), (2, 2, "zeros"), (1, 1, "reflect"), (2, 1, "replicate")])
+def test_grouped_bracket_solves_each_small_group_and_prunes_by_certified_bounds(stride, mult, mode):
+    # 64 channels at 12x12: the whole operator is too large for one dense SVD, each group is not;
+    # channel scales spread over two decades so that the certified per-group bound prunes most groups
+    torch.manual_seed(stride * 10 + mult)
+    C, n = 64, 12
+    w = torch.randn(C * mult, 1, 3, 3, dtype=torch.float64) * torch.logspace(-2, 0, C * mult, dtype=torch.float64)[:, None, None, None]
+    spec = ConvSpec((n, n), stride, 1, mode, groups=C)
+    truth = max(float(torch.linalg.svdvals(ConvSpec((n, n), stride, 1, mode).dense_operator(w[c * mult:(c + 1) * mult]))[0])
+                for c in range(C))
+    br = bracket(w, spec, tol=1e-6)
+    assert br.how == "dense"
+    assert br.lower <= truth <= br.upper and br.upper - br.lower <= 1e-12 * truth

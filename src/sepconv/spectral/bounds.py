@@ -101,7 +101,8 @@ def _fantastic_four_groups(weight: Tensor, spec: ConvSpec) -> Tensor:
         k.reshape(g, co, ci * kh * kw),  # T
         k.permute(0, 2, 1, 3, 4).reshape(g, ci, co * kh * kw),  # U
     )
-    norms = torch.stack([torch.linalg.matrix_norm(m, ord=2) for m in mats])
+    with fourier.lapack_threads():
+        norms = torch.stack([torch.linalg.matrix_norm(m, ord=2) for m in mats])
     return fourier.majorant(spec, (kh, kw)).factor * math.sqrt(kh * kw) * norms
 
 

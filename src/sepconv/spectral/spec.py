@@ -244,14 +244,22 @@ class ConvSpec:
         both flattened channel-major), differentiable in ``weight``: per group the Kronecker
         sum ``sum_a K_a (x) P_a`` of tap matrices and :meth:`spatial_taps`. Exact; memory
         ``O(rows * cols)`` -- for tests and small layers."""
+        blocks = self.group_operators(weight)
+        return torch.block_diag(*blocks) if self.groups > 1 else blocks[0]
+
+    def group_operators(self, weight: Tensor, groups: Tensor | None = None) -> Tensor:
+        """The diagonal blocks of :meth:`dense_operator`, one per group: ``(g, C_out/g * H_out W_out,
+        C_in/g * H W)`` (only the groups listed in ``groups`` when given). A grouped convolution is
+        block-diagonal, so its singular values are the union of theirs. Exact."""
         kh, kw = self.check(weight)
         taps = self.spatial_taps((kh, kw), weight.dtype, weight.device)
         g = self.groups
         c_out, ci = weight.shape[:2]
         w = weight.reshape(g, c_out // g, ci, kh * kw)
+        if groups is not None:
+            w = w[groups]
         blocks = torch.einsum("goia,apq->gopiq", w, taps)
-        blocks = blocks.reshape(g, (c_out // g) * taps.shape[1], ci * taps.shape[2])
-        return torch.block_diag(*blocks) if g > 1 else blocks[0]
+        return blocks.reshape(w.shape[0], (c_out // g) * taps.shape[1], ci * taps.shape[2])
 
 
 def norm_of_padding(spec: ConvSpec, kernel_size: Sequence[int]) -> float:
