@@ -93,7 +93,8 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> lis
 
     Layers with the same kernel size and circulant majorant are stacked along the channel axis
     and evaluated by one separable DFT (:func:`fourier.vector_block_power`):
-    ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019; Runkel et al.
+    ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (with a depth multiplier ``m`` *and* a
+    stride the polyphase blocks are ``m x s^2`` matrices: their largest singular value per frequency) (Sedghi et al. 2019; Runkel et al.
     2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding); for zero,
     reflect or replicate padding each value is the **certified upper bound** of
     :func:`bounds.fft_bound` for that channel alone (circular embedding; times the padding factor).
@@ -113,8 +114,13 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> lis
         batches.setdefault(key, []).append(i)
     for (ks, grid, stride, dilation, *_), idx in batches.items():
         kernels = [fourier.circulant_kernel(weights[i], stride, dilation, specs[i].groups) for i in idx]
-        power = fourier.vector_block_power(torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1]))
-        peak = power.amax((-2, -1)).sqrt()
+        kernel, sub = torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1])
+        if kernel.shape[1] > 1 and kernel.shape[2] > 1:
+            # depth multiplier *and* stride: each block is an m x s^2 matrix, not a vector
+            fh, fw = fourier.unique_frequencies(sub, kernel.device)
+            peak = torch.linalg.matrix_norm(fourier.symbol(kernel, sub, fh, fw), ord=2).amax(0)
+        else:
+            peak = fourier.vector_block_power(kernel, sub).amax((-2, -1)).sqrt()
         start = 0
         for i, k in zip(idx, kernels):
             out[i] = majorants[i].factor * peak[start: start + k.shape[0]]

@@ -288,7 +288,7 @@ class BlockMax:
 def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     """``||K^(w)||_F^2`` on the half grid ``(g, N_h, N_w//2 + 1)`` by a separable real DFT of the
     kernel (two small matmuls; taps wider than the grid wrap around). For blocks that are
-    vectors (depthwise convs, depth multipliers, their polyphase forms) this is
+    vectors (depthwise convs; with a depth multiplier or a stride, not both) this is
     ``sigma_max(K^(w))^2``: the closed form ``max |K^_c(w)|^2`` summed over aliases
     (reference/spectral.md Sec. 1). Exact."""
     nh, nw = grid
