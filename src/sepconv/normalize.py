@@ -10,12 +10,12 @@ layer                         parametrization                             the va
 ============================  ==========================================  ============================
 depthwise conv (``dsc``)      :class:`DepthwiseFFTNorm` (stateless)       exact (circular) / certified
                                                                           bound (zero padding), FFT
-pointwise 1x1 conv, Linear    :class:`MatrixNorm` (``u``, ``v``)          estimate in training,
+pointwise 1x1 conv, Linear    :class:`MatrixNorm` (``u``)                 estimate in training,
                                                                           exact in eval mode
-any conv (``operator``)       :class:`OperatorNorm` (``x`` of input size) estimate (from below)
+any conv (``operator``)       :class:`OperatorNorm` (``x``, input-sized)  estimate (from below)
 any conv (``fantastic4``,     :class:`BoundNorm` (stateless)              certified upper bound
 ``gram``)
-any conv (``reshape``)        :class:`ReshapeNorm` (``u``, ``v``)         torch's value, no bound
+any conv (``reshape``)        :class:`ReshapeNorm` (``u``)                torch's value, no bound
 BatchNorm (``batchnorm``)     :class:`BatchNormLipschitz` (stateless)     exact (eval mode)
 ============================  ==========================================  ============================
 
@@ -63,13 +63,14 @@ def rescale(weight: Tensor, sigma: Tensor, target: float, mode: str) -> Tensor:
     return weight * (target / sigma.clamp_min(torch.finfo(sigma.dtype).tiny))
 
 
-def matrix_power_iteration(mat: Tensor, u: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+def matrix_power_iteration(mat: Tensor, u: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
     """``iters`` steps of ``v <- W^T u / ||W^T u||``, ``u <- W v / ||W v||`` on a batch of matrices
     ``mat`` ``(g, m, n)`` (Miyato et al. 2018, arXiv 1802.05957, Alg. 1); returns ``(u, v, sigma)``
     with ``sigma = ||W v|| = u^T W v`` per matrix, an **estimate from below** of ``||W_g||_2``
-    converging at rate ``(sigma_2/sigma_1)^(2 iters)``."""
-    sigma = torch.zeros(mat.shape[0], dtype=mat.dtype, device=mat.device)
-    for _ in range(iters):
+    converging at rate ``(sigma_2/sigma_1)^(2 iters)``. Only ``u`` needs to persist between calls
+    (``v`` is a function of it), which halves the state of torch's ``spectral_norm``."""
+    v = sigma = None
+    for _ in range(max(1, iters)):
         v = F.normalize(torch.bmm(mat.mT, u[..., None])[..., 0], dim=-1, eps=1e-12)
         wv = torch.bmm(mat, v[..., None])[..., 0]
         sigma = torch.linalg.vector_norm(wv, dim=-1)
@@ -77,32 +78,37 @@ def matrix_power_iteration(mat: Tensor, u: Tensor, v: Tensor, iters: int) -> tup
     return u, v, sigma
 
 
-def scale_factor(sigma: Tensor, target: float, mode: str) -> tuple[Tensor, Tensor]:
+def scale_factor(sigma: float, target: float, mode: str) -> tuple[float, float]:
     """``(s, ds/dsigma)`` of :func:`rescale`'s factor: ``s = 1 / max(1, sigma / target)`` (clip) or
     ``target / sigma`` (scale); the slope is ``-target / sigma^2`` where the factor is active."""
-    sigma = sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
-    active = sigma > target if mode == "clip" else torch.ones((), dtype=torch.bool, device=sigma.device)
-    s = torch.where(active, target / sigma, torch.ones_like(sigma))
-    slope = torch.where(active, -target / sigma.square(), torch.zeros_like(sigma))
-    return s, slope
+    sigma = max(sigma, 1e-30)
+    if mode == "clip" and sigma <= target:
+        return 1.0, 0.0
+    return target / sigma, -target / sigma ** 2
 
 
 class _MatrixRescale(torch.autograd.Function):
     """``W s(sigma)`` with Miyato's ``sigma = u^T W v`` (``u``, ``v`` constants), fused: one pass
     forward; backward ``dL/dW = s G + s'(sigma) <G, W> u v^T`` (the gradient of ``u^T W v`` is
-    ``u v^T``) in two passes instead of autograd's seven over a weight-sized tensor."""
+    ``u v^T``) as one ``vdot`` and one ``addr`` instead of autograd's seven passes over a
+    weight-sized tensor. ``s`` and the slope are Python floats (one host read of ``sigma``)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, s: Tensor, slope: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, u, v, s, slope)
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, s: float, slope: float) -> Tensor:
+        ctx.save_for_backward(weight, u, v)
+        ctx.s, ctx.slope = s, slope
         return weight * s
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, u, v, s, slope = ctx.saved_tensors
+        weight, u, v = ctx.saved_tensors
         g = grad.reshape(u.numel(), v.numel())
-        coeff = slope * torch.vdot(g.reshape(-1), weight.reshape(-1))
-        return torch.addr(g * s, u * coeff, v).reshape(weight.shape), None, None, None, None
+        if ctx.slope == 0.0:
+            out = g * ctx.s if ctx.s != 1.0 else g
+        else:
+            coeff = ctx.slope * float(torch.vdot(g.reshape(-1), weight.reshape(-1)))
+            out = torch.addr(g, u, v, beta=ctx.s, alpha=coeff)
+        return out.reshape(weight.shape), None, None, None, None
 
 
 def bn_lipschitz_clip(gamma: Tensor, std: Tensor, target: float) -> Tensor:
@@ -218,8 +224,8 @@ class MatrixNorm(_Normalizer):
     """``Linear`` or pointwise 1x1 conv normalized by its matrix norm ``||W||_2`` (max over groups:
     a grouped 1x1 conv is block-diagonal; stride and zero padding leave the norm unchanged).
 
-    Training mode: ``n_power_iterations`` steps of matrix power iteration on persistent buffers
-    ``u`` ``(g, C_out/g)`` and ``v`` ``(g, C_in/g)`` under ``no_grad``, then ``sigma = u^T W v`` with
+    Training mode: ``n_power_iterations`` steps of matrix power iteration on the persistent buffer
+    ``u`` ``(g, C_out/g)`` under ``no_grad``, then ``sigma = u^T W v`` with
     gradient (Miyato et al. 2018, arXiv 1802.05957, Alg. 1) -- an **estimate** from below. Eval
     mode: the **exact** ``||W||_2`` (SVD; cached per weight version when no gradient is needed),
     so a normalized model in eval mode is certified, not just estimated.
@@ -232,11 +238,9 @@ class MatrixNorm(_Normalizer):
         mat = self.matrix(weight.detach())
         g, m, n = mat.shape
         u = F.normalize(torch.randn(g, m, dtype=mat.dtype, device=mat.device), dim=-1)
-        v = F.normalize(torch.randn(g, n, dtype=mat.dtype, device=mat.device), dim=-1)
         with torch.no_grad():
-            u, v, _ = matrix_power_iteration(mat, u, v, WARMUP_ITERATIONS)
+            u, _, _ = matrix_power_iteration(mat, u, WARMUP_ITERATIONS)
         self.register_buffer("u", u)
-        self.register_buffer("v", v)
         self._eval_cache: tuple | None = None
 
     def matrix(self, weight: Tensor) -> Tensor:
@@ -245,7 +249,7 @@ class MatrixNorm(_Normalizer):
     def forward(self, weight: Tensor) -> Tensor:
         if self.training and self._fusable() and weight.requires_grad and torch.is_grad_enabled():
             u, v, sigma = self._step(self.matrix(weight))
-            return _MatrixRescale.apply(weight, u[0], v[0], *scale_factor(sigma[0], self.target, self.mode))
+            return _MatrixRescale.apply(weight, u[0], v[0], *scale_factor(float(sigma[0]), self.target, self.mode))
         return rescale(weight, self.sigma(weight), self.target, self.mode)
 
     def _fusable(self) -> bool:
@@ -254,9 +258,8 @@ class MatrixNorm(_Normalizer):
     def _step(self, mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One training step of the power iteration; updates the buffers in place (DDP broadcasts them)."""
         with torch.no_grad():
-            u, v, sigma = matrix_power_iteration(mat.detach(), self.u, self.v, self.n_power_iterations)
+            u, v, sigma = matrix_power_iteration(mat.detach(), self.u, self.n_power_iterations)
             self.u.copy_(u)
-            self.v.copy_(v)
         return u, v, sigma
 
     def sigma(self, weight: Tensor) -> Tensor:
@@ -279,9 +282,9 @@ class ReshapeNorm(MatrixNorm):
     """**For comparison only**: torch's ``spectral_norm`` of a conv, the matrix norm of the kernel
     reshaped to ``(C_out, C_in/g * kh * kw)`` (``dim=1`` first for transposed convs; groups
     ignored), by the same power iteration (Miyato et al. 2018). **Neither a bound nor exact**
-    for spatial kernels: a depthwise layer's true norm lies anywhere in ``[r/k... sqrt(C) r]``
-    relative to it (reference/spectral.md Sec. 8), so a "normalized" layer can exceed the
-    target. Exact only for 1x1 convs without groups."""
+    for spatial kernels: a depthwise layer's true norm ``sigma`` only satisfies
+    ``r / sqrt(C) <= sigma <= k r`` for the reshape value ``r`` (reference/spectral.md Sec. 8),
+    so a "normalized" layer can exceed the target (or be over-constrained). Exact only for 1x1 convs without groups."""
 
     certified = False
 

@@ -494,7 +494,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
             raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
         state = _read_checkpoint(ckpt_path)
         old = TrainConfig.from_dict(state["config"])
-        for key in ("model", "conv", "width", "model_kwargs", "data", "image_size", "batch_size", "seed"):
+        for key in ("model", "conv", "width", "model_kwargs", "data", "image_size", "batch_size", "seed",
+                    "sn", "sn_batchnorm"):
             if getattr(old, key) != getattr(cfg, key):
                 raise CheckpointError(
                     f"{ckpt_path}: the checkpoint was trained with {key}={getattr(old, key)!r}, "

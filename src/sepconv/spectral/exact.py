@@ -123,7 +123,8 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> lis
             peak = fourier.vector_block_power(kernel, sub).amax((-2, -1)).sqrt()
         start = 0
         for i, k in zip(idx, kernels):
-            out[i] = majorants[i].factor * peak[start: start + k.shape[0]]
+            f = majorants[i].factor
+            out[i] = peak[start: start + k.shape[0]] * f if f != 1.0 else peak[start: start + k.shape[0]]
             start += k.shape[0]
     return out  # type: ignore[return-value]
 

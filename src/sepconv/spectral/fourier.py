@@ -22,6 +22,7 @@ bounded for large layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -285,6 +286,22 @@ class BlockMax:
     group: int
 
 
+@functools.lru_cache(maxsize=64)
+def _real_dft_tables(qh: int, qw: int, nh: int, nw: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[cos | sin]`` along w ``(qw, 2 (nw//2 + 1))`` and the rotation ``[[cos, sin], [-sin, cos]]``
+    along h ``(2 qh, 2 nh)`` of :func:`vector_block_power` (constants, cached per shape)."""
+
+    def cs(q: int, n: int, m: int) -> tuple[Tensor, Tensor]:
+        ang = (torch.arange(q, dtype=torch.float64)[:, None] * torch.arange(m, dtype=torch.float64)[None, :]) % n
+        ang = ang * (2 * math.pi / n)
+        return torch.cos(ang).to(device, dtype), torch.sin(ang).to(device, dtype)
+
+    with torch.inference_mode(False), torch.no_grad():  # cached: must be usable in autograd later
+        cw, sw = cs(qw, nw, nw // 2 + 1)  # (qw, Mw')
+        ch, sh = cs(qh, nh, nh)  # (qh, Mh)
+        return torch.cat([cw, sw], 1), torch.cat([torch.cat([ch, sh], 1), torch.cat([-sh, ch], 1)], 0)
+
+
 def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     """``||K^(w)||_F^2`` on the half grid ``(g, N_h, N_w//2 + 1)`` by a separable real DFT of the
     kernel (two small matmuls; taps wider than the grid wrap around). For blocks that are
@@ -293,22 +310,13 @@ def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     (reference/spectral.md Sec. 1). Exact."""
     nh, nw = grid
     qh, qw = kernel.shape[-2:]
-    dt, dev = kernel.dtype, kernel.device
-
-    def cs(q: int, n: int, m: int) -> tuple[Tensor, Tensor]:
-        ang = (torch.arange(q, dtype=torch.float64)[:, None] * torch.arange(m, dtype=torch.float64)[None, :]) % n
-        ang = ang * (2 * math.pi / n)
-        return torch.cos(ang).to(dev, dt), torch.sin(ang).to(dev, dt)
-
-    cw, sw = cs(qw, nw, nw // 2 + 1)  # (qw, Mw')
-    ch, sh = cs(qh, nh, nh)  # (qh, Mh)
+    csw, rot = _real_dft_tables(qh, qw, nh, nw, kernel.dtype, kernel.device)
     lead = kernel.shape[:-2]
     n, mw = math.prod(lead), nw // 2 + 1
     # stage 1 (along w): [A | B] = K [cos | sin]; stage 2 (along h) in one GEMM:
     # [re | im] = [A | B] [[cos_h, sin_h], [-sin_h, cos_h]]  (im is minus the imaginary part)
-    AB = (kernel.reshape(n * qh, qw) @ torch.cat([cw, sw], 1)).reshape(n, qh, 2, mw)
+    AB = (kernel.reshape(n * qh, qw) @ csw).reshape(n, qh, 2, mw)
     AB = AB.permute(0, 3, 2, 1).reshape(n * mw, 2 * qh)  # rows (item, v), columns (A | B, a)
-    rot = torch.cat([torch.cat([ch, sh], 1), torch.cat([-sh, ch], 1)], 0)  # (2 qh, 2 Mh)
     reim = (AB @ rot).reshape(n, mw, 2, nh)
     power = reim.square().sum(2).reshape(*lead, mw, nh)  # (g, co, ci, Mw', Mh)
     power = power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
