@@ -135,6 +135,7 @@ def _model_arg(s: str) -> tuple[str, object]:
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
+    from .normalize import METHODS as SN_METHODS, MODES as SN_MODES
     from .train import OPTIMIZERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
@@ -173,6 +174,19 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--bsconv-alpha", type=nonneg_float, default=None,
                    help="weight of the BSConv-S orthonormal penalty (default 0.1 when the model has "
                         "BSConv-S parts, else 0)")
+    g = p.add_argument_group("spectral normalization and certification")
+    g.add_argument("--sn", choices=SN_METHODS, default=None,
+                   help="spectrally normalize every layer: dsc (depthwise FFT + pointwise matrix norms), operator, "
+                        "fantastic4, gram, or reshape (torch's, for comparison)")
+    g.add_argument("--sn-target", type=positive_float, default=d.sn_target, metavar="C",
+                   help="largest allowed norm per layer (default 1)")
+    g.add_argument("--sn-mode", choices=SN_MODES, default=d.sn_mode,
+                   help="clip: shrink layers above the target (default); scale: always divide by the norm")
+    g.add_argument("--sn-batchnorm", action="store_true", help="also bound each BatchNorm's Lipschitz constant")
+    g.add_argument("--ff-beta", type=nonneg_float, default=d.ff_beta, metavar="B",
+                   help="add B * (sum of the convs' Fantastic Four bounds) to the loss (Singla & Feizi)")
+    g.add_argument("--certify", type=nonneg_float, nargs="+", default=[], metavar="EPS",
+                   help="after each epoch, log the network Lipschitz bound and the certified accuracy at these l2 radii")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -199,6 +213,8 @@ def _train_config(args) -> "TrainConfig":
         schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, channels_last=args.channels_last,
         seed=args.seed, device=args.device, bsconv_alpha=alpha,
+        sn=args.sn, sn_target=args.sn_target, sn_mode=args.sn_mode, sn_batchnorm=args.sn_batchnorm,
+        ff_beta=args.ff_beta, certify=tuple(args.certify),
         out=args.out or f"runs/{args.model if not args.init else 'init'}-{args.data}",
     )
 

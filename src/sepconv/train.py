@@ -82,6 +82,12 @@ class TrainConfig:
     eval_batch_size: int = 500
     # regularizers and certification (issues 3 and 5)
     bsconv_alpha: float = 0.0
+    sn: str | None = None  # spectral normalization method (sepconv.normalize.METHODS)
+    sn_target: float = 1.0
+    sn_mode: str = "clip"
+    sn_batchnorm: bool = False
+    ff_beta: float = 0.0  # weight of the Fantastic Four penalty (sum of the per-conv bounds)
+    certify: tuple[float, ...] = ()  # l2 radii: Lipschitz bound and certified accuracy after each epoch
     extra: dict = field(default_factory=dict)  # room for later options (kept in checkpoints)
 
     def validate(self) -> "TrainConfig":
@@ -116,6 +122,20 @@ class TrainConfig:
             bad(f"image_size must be a positive integer, got {self.image_size!r}")
         if not (self.bsconv_alpha >= 0):
             bad(f"bsconv_alpha must be >= 0, got {self.bsconv_alpha!r}")
+        from .normalize import METHODS as SN_METHODS, MODES as SN_MODES
+
+        if self.sn is not None and self.sn not in SN_METHODS:
+            bad(f"unknown spectral normalization {self.sn!r}; choose one of {', '.join(SN_METHODS)}")
+        if not (isinstance(self.sn_target, (int, float)) and math.isfinite(self.sn_target) and self.sn_target > 0):
+            bad(f"sn_target must be a positive finite number, got {self.sn_target!r}")
+        if self.sn_mode not in SN_MODES:
+            bad(f"sn_mode must be one of {', '.join(SN_MODES)}, got {self.sn_mode!r}")
+        if self.sn_batchnorm and self.sn is None:
+            bad("sn_batchnorm needs a spectral normalization method (sn)")
+        if not (self.ff_beta >= 0 and math.isfinite(self.ff_beta)):
+            bad(f"ff_beta must be >= 0, got {self.ff_beta!r}")
+        if any(not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0) for e in self.certify):
+            bad(f"certify radii must be finite and >= 0, got {list(self.certify)}")
         if not (self.eval_batch_size >= 1):
             bad(f"eval_batch_size must be positive, got {self.eval_batch_size!r}")
         return self
@@ -123,14 +143,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["certify"] = list(self.certify)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
+        for key in ("milestones", "certify"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -158,15 +180,85 @@ class Hooks:
     prepare: list[Callable[[nn.Module], nn.Module]] = field(default_factory=list)
 
 
-def default_hooks(cfg: TrainConfig) -> Hooks:
-    """Hooks implied by the config's options (regularizers known to sepconv)."""
+def default_hooks(cfg: TrainConfig, input_shape: tuple[int, int, int] | None = None, test_set=None,
+                  device: torch.device | str = "cpu") -> Hooks:
+    """Hooks implied by the config's options (regularizers known to sepconv).
+
+    ``input_shape`` ``(C, H, W)`` of the data is needed by spectral normalization (``sn``), the
+    Fantastic Four penalty (``ff_beta``) and certification (``certify``), which also needs the
+    ``test_set`` (and the ``device`` the model lives on)."""
     hooks = Hooks()
     if cfg.bsconv_alpha > 0:
         from .layers import orthonormal_penalty
 
         alpha = cfg.bsconv_alpha
         hooks.loss_terms["bsconv"] = lambda m: orthonormal_penalty(m, alpha=alpha)
+    if (cfg.sn or cfg.ff_beta > 0 or cfg.certify) and input_shape is None:
+        raise ConfigError("default_hooks: sn, ff_beta and certify need the data's input_shape (C, H, W)")
+    if cfg.sn:
+        hooks.prepare.append(_sn_prepare(cfg, tuple(input_shape)))
+    if cfg.ff_beta > 0:
+        record, term = _fantastic_four_penalty(cfg.ff_beta, tuple(input_shape))
+        hooks.prepare.append(record)
+        hooks.loss_terms["ff"] = term
+    if cfg.certify:
+        if test_set is None:
+            raise ConfigError("default_hooks: certify needs the test set")
+        hooks.epoch_end.append(_certify_hook(cfg, tuple(input_shape), test_set, device))
     return hooks
+
+
+def _sn_prepare(cfg: TrainConfig, input_shape: tuple[int, int, int]) -> Callable[[nn.Module], nn.Module]:
+    def prepare(model: nn.Module) -> nn.Module:
+        from .normalize import spectral_normalize
+
+        spectral_normalize(model, cfg.sn, cfg.sn_target, cfg.sn_mode, in_size=input_shape, batchnorm=cfg.sn_batchnorm)
+        return model
+    return prepare
+
+
+def _fantastic_four_penalty(beta: float, input_shape: tuple[int, int, int]):
+    """``beta * sum_l F4(W_l)`` over the model's Conv2d layers: Singla & Feizi (ICLR 2021, arXiv
+    1911.10258, Sec. 5) penalize the sum of the layers' Fantastic Four bounds (differentiable).
+    The layers' geometries are recorded once, by a ``prepare`` hook (one dry forward pass)."""
+    convs: list[tuple[nn.Module, object]] = []
+
+    def record(model: nn.Module) -> nn.Module:
+        from .spectral import ConvSpec
+        from .spectral.network import layer_inputs
+
+        convs.clear()
+        for mod, shape in layer_inputs(model, input_shape, types=(nn.Conv2d,)).values():
+            if not isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                convs.append((mod, ConvSpec.of(mod, shape[-2:])))
+        return model
+
+    def term(model: nn.Module) -> Tensor:
+        from .spectral import fantastic_four
+
+        return beta * sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
+    return record, term
+
+
+def _certify_hook(cfg: TrainConfig, input_shape: tuple[int, int, int], test_set, device) -> EpochHook:
+    """After each epoch: the certified network Lipschitz bound (``lipschitz_bound``, method ``fft``)
+    and the certified accuracy at each radius of ``cfg.certify`` (Tsuzuku et al. 2018) on the test set."""
+
+    def batches():
+        idx = torch.arange(len(test_set))
+        for i in range(0, len(idx), cfg.eval_batch_size):
+            x, y = test_set.get_batch(idx[i:i + cfg.eval_batch_size])
+            yield _to_device(x, y, device, cfg.channels_last)
+
+    def hook(model: nn.Module, epoch: int) -> dict:
+        from .spectral import certified_accuracy, lipschitz_bound
+
+        L = lipschitz_bound(model, input_shape, method="fft")
+        out = {"lipschitz_bound": L}
+        for eps in cfg.certify:
+            out[f"cert_acc@{eps:g}"] = certified_accuracy(model, batches(), eps, lipschitz=L).certified
+        return out
+    return hook
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -396,7 +488,6 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
     from .data import augment_batch, load_dataset
 
     cfg.validate()
-    hooks = hooks if hooks is not None else default_hooks(cfg)
     device = resolve_device(cfg.device)
     d = _init_distributed(device)
     if d.world > 1 and device.type == "cuda":
@@ -409,6 +500,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
 
     train_set = load_dataset(cfg.data, cfg.data_dir, split="train", image_size=cfg.image_size)
     test_set = load_dataset(cfg.data, cfg.data_dir, split="test", image_size=cfg.image_size)
+    if hooks is None:
+        hooks = default_hooks(cfg, (train_set.in_chans, *train_set.image_size), test_set, device)
     local_batch = cfg.batch_size // d.world
     per_rank = len(train_set) // d.world
     steps_per_epoch = per_rank // local_batch
@@ -421,7 +514,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
             raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
         state = _read_checkpoint(ckpt_path)
         old = TrainConfig.from_dict(state["config"])
-        for key in ("model", "conv", "width", "model_kwargs", "data", "image_size", "batch_size", "seed"):
+        for key in ("model", "conv", "width", "model_kwargs", "data", "image_size", "batch_size", "seed",
+                    "sn", "sn_batchnorm"):
             if getattr(old, key) != getattr(cfg, key):
                 raise CheckpointError(
                     f"{ckpt_path}: the checkpoint was trained with {key}={getattr(old, key)!r}, "

@@ -87,16 +87,17 @@ def depthwise_norm(weight: Tensor, spec: ConvSpec) -> Tensor:
     return circulant_norm(weight, spec)
 
 
-def depthwise_norms(weights: list[Tensor], specs: list[ConvSpec]) -> Tensor:
-    """Spectral norms of many depthwise convolutions at once, differentiable: ``(len(weights),)``.
+def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> list[Tensor]:
+    """Per-channel spectral norms of many depthwise convolutions at once, differentiable: one
+    ``(groups,)`` tensor per layer (a channel with depth multiplier ``m`` is its ``m`` filters).
 
     Layers with the same kernel size and circulant majorant are stacked along the channel axis
-    and evaluated by one separable DFT (:func:`fourier.vector_block_power`), then maximised per
-    layer: ``sigma^2 = max_c max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019;
-    Runkel et al. 2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding);
-    for zero, reflect or replicate padding the value is the **certified upper bound** of
-    :func:`bounds.fft_bound` (circular embedding; times the padding factor). Gradients flow to
-    every weight (the subgradient of the maximum).
+    and evaluated by one separable DFT (:func:`fourier.vector_block_power`):
+    ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (with a depth multiplier ``m`` *and* a
+    stride the polyphase blocks are ``m x s^2`` matrices: their largest singular value per frequency) (Sedghi et al. 2019; Runkel et al.
+    2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding); for zero,
+    reflect or replicate padding each value is the **certified upper bound** of
+    :func:`bounds.fft_bound` for that channel alone (circular embedding; times the padding factor).
     """
     if len(weights) != len(specs):
         raise ConfigError(f"depthwise_norms: {len(weights)} weights but {len(specs)} specs")
@@ -113,12 +114,32 @@ def depthwise_norms(weights: list[Tensor], specs: list[ConvSpec]) -> Tensor:
         batches.setdefault(key, []).append(i)
     for (ks, grid, stride, dilation, *_), idx in batches.items():
         kernels = [fourier.circulant_kernel(weights[i], stride, dilation, specs[i].groups) for i in idx]
-        power = fourier.vector_block_power(torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1]))
+        kernel, sub = torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1])
+        if kernel.shape[1] > 1 and kernel.shape[2] > 1:
+            # depth multiplier *and* stride: each block is an m x s^2 matrix, not a vector
+            fh, fw = fourier.unique_frequencies(sub, kernel.device)
+            peak = torch.linalg.matrix_norm(fourier.symbol(kernel, sub, fh, fw), ord=2).amax(0)
+        else:
+            peak = fourier.vector_block_power(kernel, sub).amax((-2, -1)).sqrt()
         start = 0
         for i, k in zip(idx, kernels):
-            out[i] = majorants[i].factor * power[start: start + k.shape[0]].max().sqrt()
+            f = majorants[i].factor
+            out[i] = peak[start: start + k.shape[0]] * f if f != 1.0 else peak[start: start + k.shape[0]]
             start += k.shape[0]
-    return torch.stack(out)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+def depthwise_norms(weights: list[Tensor], specs: list[ConvSpec]) -> Tensor:
+    """Spectral norms of many depthwise convolutions at once, differentiable: ``(len(weights),)``.
+
+    The maximum over channels of :func:`depthwise_channel_norms` (one batched DFT per kernel size
+    and majorant): ``sigma^2 = max_c max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019;
+    Runkel et al. 2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding);
+    for zero, reflect or replicate padding the value is the **certified upper bound** of
+    :func:`bounds.fft_bound` (circular embedding; times the padding factor). Gradients flow to
+    every weight (the subgradient of the maximum).
+    """
+    return torch.stack([n.max() for n in depthwise_channel_norms(weights, specs)])
 
 
 def singular_values(weight: Tensor, spec: ConvSpec, dense_limit: float = DENSE_FLOPS) -> Tensor:

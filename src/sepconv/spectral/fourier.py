@@ -23,6 +23,7 @@ bounded for large layers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -303,32 +304,41 @@ class BlockMax:
     group: int
 
 
-def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
-    """``||K^(w)||_F^2`` on the half grid ``(g, N_h, N_w//2 + 1)`` by a separable real DFT of the
-    kernel (two small matmuls; taps wider than the grid wrap around). For blocks that are
-    vectors (depthwise convs, depth multipliers, their polyphase forms) this is
-    ``sigma_max(K^(w))^2``: the closed form ``max |K^_c(w)|^2`` summed over aliases
-    (reference/spectral.md Sec. 1). Exact."""
-    nh, nw = grid
-    qh, qw = kernel.shape[-2:]
-    dt, dev = kernel.dtype, kernel.device
+@functools.lru_cache(maxsize=64)
+def _real_dft_tables(qh: int, qw: int, nh: int, nw: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``[cos | sin]`` along w ``(qw, 2 (nw//2 + 1))`` and the two halves ``[cos; -sin]``,
+    ``[sin; cos]`` of the rotation along h ``(2 qh, nh)`` of :func:`vector_block_power`
+    (constants, cached per shape)."""
 
     def cs(q: int, n: int, m: int) -> tuple[Tensor, Tensor]:
         ang = (torch.arange(q, dtype=torch.float64)[:, None] * torch.arange(m, dtype=torch.float64)[None, :]) % n
         ang = ang * (2 * math.pi / n)
-        return torch.cos(ang).to(dev, dt), torch.sin(ang).to(dev, dt)
+        return torch.cos(ang).to(device, dtype), torch.sin(ang).to(device, dtype)
 
-    cw, sw = cs(qw, nw, nw // 2 + 1)  # (qw, Mw')
-    ch, sh = cs(qh, nh, nh)  # (qh, Mh)
+    with torch.inference_mode(False), torch.no_grad():  # cached: must be usable in autograd later
+        cw, sw = cs(qw, nw, nw // 2 + 1)  # (qw, Mw')
+        ch, sh = cs(qh, nh, nh)  # (qh, Mh)
+        return torch.cat([cw, sw], 1), torch.cat([ch, -sh], 0), torch.cat([sh, ch], 0)
+
+
+def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
+    """``||K^(w)||_F^2`` on the half grid ``(g, N_h, N_w//2 + 1)`` by a separable real DFT of the
+    kernel (two small matmuls; taps wider than the grid wrap around). For blocks that are
+    vectors (depthwise convs; with a depth multiplier or a stride, not both) this is
+    ``sigma_max(K^(w))^2``: the closed form ``max |K^_c(w)|^2`` summed over aliases
+    (reference/spectral.md Sec. 1). Exact."""
+    nh, nw = grid
+    qh, qw = kernel.shape[-2:]
+    csw, rot_re, rot_im = _real_dft_tables(qh, qw, nh, nw, kernel.dtype, kernel.device)
     lead = kernel.shape[:-2]
     n, mw = math.prod(lead), nw // 2 + 1
     # stage 1 (along w): [A | B] = K [cos | sin]; stage 2 (along h), one GEMM each for
     # re = A cos_h - B sin_h and im = A sin_h + B cos_h (minus the imaginary part), so that both
     # come out contiguous and |K^|^2 = re^2 + im^2 is formed in place (memory-bound: one pass)
-    AB = (kernel.reshape(n * qh, qw) @ torch.cat([cw, sw], 1)).reshape(n, qh, 2, mw)
+    AB = (kernel.reshape(n * qh, qw) @ csw).reshape(n, qh, 2, mw)
     AB = AB.permute(0, 3, 2, 1).reshape(n * mw, 2 * qh)  # rows (item, v), columns (A | B, a)
-    re = AB @ torch.cat([ch, -sh], 0)  # (n Mw', Mh)
-    im = AB @ torch.cat([sh, ch], 0)
+    re, im = AB @ rot_re, AB @ rot_im  # (n Mw', Mh) each
     if kernel.requires_grad and torch.is_grad_enabled():
         power = torch.addcmul(re * re, im, im)
     else:  # no graph to keep: square in place

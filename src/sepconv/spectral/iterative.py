@@ -10,6 +10,7 @@ Ritz value is a Rayleigh quotient of ``A = T^T T``. Upper bounds come from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,11 @@ def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor |
     Returns ``(sigma, x)``: ``sigma = ||T x|| / ||x||`` is differentiable in ``weight`` (``x``
     is held constant, as in torch's spectral_norm) and is an **estimate from below**: a
     Rayleigh quotient, ``<= sigma_max`` always, converging at rate ``(sigma_2/sigma_1)^(2 iters)``.
-    With a persistent ``x`` one step per training step is enough.
+    With a persistent ``x`` one step per training step is enough. Entries below
+    ``sqrt(tiny)`` of the unit-norm iterate (1e-19 in float32) are flushed to zero: on depthwise
+    layers the vector collapses onto the top channel and the others would decay into subnormal
+    floats, which slow every convolution several-fold (reference/anchors.md); they contribute
+    less than ``tiny`` to ``||x||^2``, so the Rayleigh quotient is unaffected.
     """
     spec.check(weight)
     shape = (1, *spec.input_shape(weight))
@@ -39,6 +44,7 @@ def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor |
         for _ in range(iters):
             x = spec.adjoint(spec.apply(x, w), w)
             x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+            x = x.masked_fill(x.abs() < math.sqrt(torch.finfo(x.dtype).tiny), 0.0)
     sigma = spec.apply(x, weight).norm() / x.norm()
     return sigma, x[0]
 
