@@ -254,7 +254,7 @@ def _check_int_rank(name: str, r: Any, full: int) -> int:
         raise ConfigError(f"{name}: rank must be a positive integer or 'full', got {r!r}")
     if r < 1 or r > full:
         raise ConfigError(f"{name}: rank {r} is out of range: this layer's full rank is {full} "
-                          f"(rank must be in [1, {full}])")
+                          f"(rank must be in [1, {full}]; pass a {{layer: rank}} dict or layers= to treat it apart)")
     return r
 
 
@@ -361,9 +361,10 @@ def _capture(model: nn.Module, names: list[str], convs: dict, images: Tensor, ma
         def hook(mod, inp):
             pt = fz.extract_patches(inp[0], conv.kernel_size, conv.stride, conv._reversed_padding_repeated_twice,
                                     conv.dilation, conv.padding_mode)  # (B, D, L)
-            rows = pt.transpose(1, 2).reshape(-1, pt.shape[1])
-            take = min(rows.shape[0], per_image * inp[0].shape[0])
-            found[nm].append(rows[_sample_index(nm, state["batch"], rows.shape[0], take, seed)].float())
+            bsz, _, npos = pt.shape
+            take = min(bsz * npos, per_image * bsz)
+            idx = _sample_index(nm, state["batch"], bsz * npos, take, seed).to(pt.device)
+            found[nm].append(pt[idx // npos, :, idx % npos].float())  # (take, D)
             if nm == stop_after:
                 raise _Stop
         return hook
