@@ -23,6 +23,7 @@ from sepconv.decompose import (
     depthwise_spectrum,
     extract_patches,
     full_rank,
+    sample_patches,
     subspace_factors,
 )
 from sepconv.errors import ConfigError, DataError, UnsupportedLayerError
@@ -173,6 +174,10 @@ def test_patches_match_the_conv_for_every_padding_mode():
                              conv.dilation, mode)
         y = (conv.weight.reshape(4, -1) @ pt + conv.bias[:, None]).reshape(conv(x).shape)
         assert torch.allclose(y, conv(x))
+        idx = torch.randperm(pt.shape[0] * pt.shape[2])[:17]
+        rows = sample_patches(x, conv.kernel_size, conv.stride, conv._reversed_padding_repeated_twice,
+                              conv.dilation, mode, idx)
+        assert torch.equal(rows, pt.transpose(1, 2).reshape(-1, pt.shape[1])[idx])
 
 
 # ----------------------------------------------------------------- data-driven fits on real activations

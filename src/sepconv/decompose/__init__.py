@@ -23,6 +23,7 @@ from .factor import (
     refit_pointwise,
     response_error,
     retained_energy,
+    sample_patches,
     subspace_factors,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "refit_pointwise",
     "response_error",
     "retained_energy",
+    "sample_patches",
     "subspace_factors",
 ]

@@ -359,12 +359,13 @@ def _capture(model: nn.Module, names: list[str], convs: dict, images: Tensor, ma
         conv = convs[nm][0]
 
         def hook(mod, inp):
-            pt = fz.extract_patches(inp[0], conv.kernel_size, conv.stride, conv._reversed_padding_repeated_twice,
-                                    conv.dilation, conv.padding_mode)  # (B, D, L)
-            bsz, _, npos = pt.shape
+            x = inp[0]
+            bsz = x.shape[0]
+            npos = math.prod(_out_size(conv, tuple(x.shape[-2:])))
             take = min(bsz * npos, per_image * bsz)
-            idx = _sample_index(nm, state["batch"], bsz * npos, take, seed).to(pt.device)
-            found[nm].append(pt[idx // npos, :, idx % npos].float())  # (take, D)
+            idx = _sample_index(nm, state["batch"], bsz * npos, take, seed).to(x.device)
+            found[nm].append(fz.sample_patches(x, conv.kernel_size, conv.stride, conv._reversed_padding_repeated_twice,
+                                               conv.dilation, conv.padding_mode, idx).float())  # (take, D)
             if nm == stop_after:
                 raise _Stop
         return hook
