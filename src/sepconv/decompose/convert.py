@@ -171,6 +171,8 @@ def convert_layer(conv: nn.Conv2d, to: str = "dsc", rank: int = 1, mid: int | No
                   mom: fz.Moments | None = None) -> nn.Module:
     """Convert one ``nn.Conv2d`` (groups 1) into the block ``to`` at ``rank``: data-free
     (``mom=None``) or fit to the patch :class:`~sepconv.decompose.factor.Moments`."""
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise UnsupportedLayerError(f"convert_layer: expected an nn.Conv2d with groups=1, got {conv!r}")
     w = conv.weight.detach()
     block = build_block(to, conv, rank, mid)
     if to == "dsc":
@@ -444,7 +446,7 @@ def _select(model: nn.Module, shape, layers) -> dict[str, tuple[nn.Conv2d, tuple
 
 
 def _eligible(m: nn.Conv2d) -> bool:
-    return (type(m) is nn.Conv2d or isinstance(m, nn.Conv2d)) and m.groups == 1 and tuple(m.kernel_size) != (1, 1) \
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) != (1, 1) \
         and not hasattr(m, "parametrizations")
 
 
