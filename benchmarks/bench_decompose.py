@@ -138,7 +138,7 @@ def _run(quick: bool, tmp: Path) -> str:
         if method == "gsvd" or to == "dsc":
             tt = rep.totals
             rows.append([f"ResNet-20 (trained) -> {to}, {'rank 1' if to != 'channel' else 'equal FLOPs'}, {method}"
-                         + (f" ({samples} images)" if method == "gsvd" else ""), tt["layers"],
+                         + (f" ({samples} images)" if method == "gsvd" else f" (errors measured on {samples} images)"), tt["layers"],
                          f"{tt['_time']:.2f} s", f"{tt['params_before'] / 1e3:.0f}k -> {tt['params_after'] / 1e3:.1f}k",
                          f"{tt['flops_before'] / 1e6:.1f}M -> {tt['flops_after'] / 1e6:.1f}M",
                          f"{tt['mean_output_error']:.3f}"])

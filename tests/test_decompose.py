@@ -252,6 +252,8 @@ def test_reported_flops_and_params_match_the_profiler():
         new, rep = convert(model, to=to, input_size=(3, 12, 12), **kw)
         t = rep.totals
         assert t["flops_before"] == profile(model, (3, 12, 12)).flops
+        assert t["flops_after"] == profile(new, (3, 12, 12)).flops, to
+        assert t["params_after"] == profile(new, (3, 12, 12)).params, to
         assert t["flops_before"] - t["flops_after"] == t["layer_flops_before"] - t["layer_flops_after"], to
         assert t["params_before"] - t["params_after"] == t["layer_params_before"] - t["layer_params_after"], to
 

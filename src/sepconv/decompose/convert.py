@@ -37,8 +37,8 @@ and their bias is re-fitted (``b' = b + W E[x] - W' E[xh]``); bias-free layers s
 
 The report's per-layer ``output_error`` is the relative error of the layer's output in
 the converted network against the original network: on the calibration patches when
-``data`` is given (inputs from the converted prefix), else on Gaussian random inputs
-(the layer alone); ``local_error`` (with data only) is the layer alone on the original inputs.
+``data`` is given (inputs from the converted prefix), else on one Gaussian random input of
+the layer's size, at most 16 x 16 (the layer alone); ``local_error`` (with data only) is the layer alone on the original inputs.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ from ..layers import (BSConvS, BSConvU, DepthwiseSeparableConv2d, bsconv_s_mid_c
 from . import factor as fz
 
 TARGETS = ("dsc", "bsconv_u", "bsconv_s", "channel")
+#: Largest side of the Gaussian inputs on which data-free conversions measure the output error.
+RANDOM_INPUT_MAX = 16
 METHODS = ("svd", "gsvd")
 
 
@@ -410,15 +412,41 @@ def _input_shape(model: nn.Module, images: Tensor | None, input_size) -> tuple[i
     raise ConfigError("convert: cannot tell the input size of this model; pass input_size=(C, H, W) or data")
 
 
-def _select(model: nn.Module, shape, layers) -> dict[str, tuple[nn.Conv2d, tuple]]:
-    """``{name: (conv, input shape)}`` of the convs to convert, in forward order."""
-    from ..spectral.network import layer_inputs
+@torch.no_grad()
+def _trace(model: nn.Module, shape) -> tuple[dict[str, tuple[nn.Conv2d, tuple]], int]:
+    """One eval-mode forward on zeros of ``shape``: ``{name: (conv, input shape)}`` of every
+    ``nn.Conv2d`` in call order (as :func:`sepconv.spectral.network.layer_inputs`), and the
+    model's FLOPs (as :func:`sepconv.models.profile`, same counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
+    seen: dict[str, tuple[nn.Conv2d, tuple]] = {}
+
+    def record(nm):
+        def hook(mod, inp):
+            seen.setdefault(nm, (mod, tuple(inp[0].shape[1:])))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(nm)) for nm, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    was = model.training
+    model.eval()
+    p = next(iter(model.parameters()), None)
+    x = torch.zeros(1, *shape, dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")
     try:
-        seen = layer_inputs(model, shape, types=(nn.Conv2d,))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     except RuntimeError as e:
         raise DataError(f"convert: the model does not run on inputs of shape {tuple(shape)} "
                         f"({' '.join(str(e).split())[:160]})") from None
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return seen, int(counter.get_total_flops())
+
+
+def _select(model: nn.Module, seen: dict, layers) -> dict[str, tuple[nn.Conv2d, tuple]]:
+    """``{name: (conv, input shape)}`` of the convs to convert, in forward order."""
     mods = dict(model.named_modules())
     if layers is None:
         pick = [nm for nm, (m, _) in seen.items() if _eligible(m)]
@@ -512,7 +540,7 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
     _check_args(to, rank, energy, speedup, method, data, num_samples, max_patches, p)
     if rank is None and energy is None and speedup is None:
         rank = 1
-    from ..models import profile
+    from ..models import count_params
 
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
@@ -522,10 +550,11 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
     shape = _input_shape(new, images, input_size)
     if images is not None:
         _check_runs(new, images[:1])
-    convs = _select(new, shape, layers)
+    seen, flops_before = _trace(new, shape)
+    params_before = count_params(new)
+    convs = _select(new, seen, layers)
     ranks = _choose_ranks(to, convs, rank, energy, speedup, p)
     mids = {nm: _mid(to, convs[nm][0], ranks[nm], p) for nm in convs}
-    before = profile(new, shape)
     names = list(convs)
     ref = copy.deepcopy(model) if images is not None else None
     px = _capture(ref, names, convs, images, max_patches, batch_size, seed) if images is not None else {}
@@ -557,7 +586,7 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
         rec.update(_layer_record(to, nm, conv, in_shape, block, ranks[nm], mids[nm], px.get(nm), ph.get(nm)))
     new.train(model.training)
     record_recipe(new, "convert", to=to, layers=[{"name": nm, "rank": ranks[nm], "mid": mids[nm]} for nm in names])
-    after = profile(new, shape)
+    layer_delta = sum(r["flops_before"] - r["flops_after"] for r in records)
     rep = ConversionReport(layers=records, settings={
         "to": to, "method": method, "rank": rank if not isinstance(rank, dict) else "per-layer",
         "energy": energy, "speedup": speedup, "multilayer": multilayer if method == "gsvd" else None,
@@ -565,8 +594,8 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
         "input_shape": list(shape), "p": p})
     rep.totals = {
         "layers": len(records),
-        "params_before": before.params, "params_after": after.params,
-        "flops_before": before.flops, "flops_after": after.flops,
+        "params_before": params_before, "params_after": count_params(new),
+        "flops_before": flops_before, "flops_after": flops_before - layer_delta,  # = profile(new): tested
         "layer_params_before": sum(r["params_before"] for r in records),
         "layer_params_after": sum(r["params_after"] for r in records),
         "layer_flops_before": sum(r["flops_before"] for r in records),
@@ -605,9 +634,10 @@ def _layer_record(to, nm, conv, in_shape, block, rank, mid, px, ph) -> dict:
         "flops_after": 2 * layer_macs(to, conv, in_shape[-2:], rank, mid),
         "weight_error": float(torch.linalg.norm(w - a) / torch.linalg.norm(w).clamp_min(1e-300)),
     }
-    if px is None:  # Gaussian random inputs, the layer alone
+    if px is None:  # Gaussian random inputs (the layer's size, at most 16 x 16), the layer alone
         g = torch.Generator(device=conv.weight.device).manual_seed(0)
-        x = torch.randn(2, *in_shape, generator=g, device=conv.weight.device, dtype=conv.weight.dtype)
+        size = [min(v, RANDOM_INPUT_MAX) for v in in_shape[-2:]]
+        x = torch.randn(1, in_shape[0], *size, generator=g, device=conv.weight.device, dtype=conv.weight.dtype)
         y = conv(x)
         rec["output_error"] = float(torch.linalg.norm(block(x) - y) / torch.linalg.norm(y).clamp_min(1e-30))
         rec["local_error"] = None
