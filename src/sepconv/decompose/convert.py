@@ -38,7 +38,8 @@ and their bias is re-fitted (``b' = b + W E[x] - W' E[xh]``); bias-free layers s
 The report's per-layer ``output_error`` is the relative error of the layer's output in
 the converted network against the original network: on the calibration patches when
 ``data`` is given (inputs from the converted prefix), else on one Gaussian random input of
-the layer's size, at most 16 x 16 (the layer alone); ``local_error`` (with data only) is the layer alone on the original inputs.
+the layer's size, at most 16 x 16 (the layer alone); ``local_error`` (with data only) is
+the layer alone on the original inputs.
 """
 
 from __future__ import annotations

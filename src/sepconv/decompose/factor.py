@@ -170,7 +170,6 @@ def depthwise_factors(weight: Tensor, rank: int, mom: Moments | None = None, ite
     p_free = (m @ v).permute(1, 0, 2).reshape(n, c * rank)  # columns s_ij u_ij
     if mom is None:
         return _dsc_out(d_free, p_free, weight)
-    d = k
     hh = _ridge(mom.hh)
     hh4 = hh.reshape(c, k, c, k)
     blocks = torch.stack([hh4[i, :, i, :] for i in range(c)])  # (c, K, K)
@@ -189,13 +188,13 @@ def depthwise_factors(weight: Tensor, rank: int, mom: Moments | None = None, ite
         a = pp @ _block_diag(dd).T
         return const - 2 * (g * a).sum() + ((a @ mom.hh) * a).sum()
 
-    best = None
+    best = (objective(d_free, p_free), d_free, p_free)  # the data-free factors themselves
     for dd in (d_free, d_g):
         pp = _refit_p(g, dd, hh)
         f = objective(dd, pp)
-        if best is None or f < best[0]:
+        if f < best[0]:
             best = (f, dd, pp)
-    if c * rank * d <= 6000:  # joint D-step affordable
+    if c * rank * k <= 6000:  # joint D-step affordable
         f, dd, pp = best
         for _ in range(iters):
             dd = _refit_d(g, pp, hh4, c, rank, k)
