@@ -332,3 +332,14 @@ def test_a_model_without_eligible_convs_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(UnsupportedLayerError, match="no eligible"):
         convert(model, input_size=(3, 8, 8))
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_data_driven_fit_at_full_rank_is_exact_too(to):
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", in_chans=2, num_classes=4, channels=(4, 6, 8)).double().eval()
+    x = torch.randn(16, 2, 12, 12, dtype=torch.float64)
+    new, rep = convert(model, to=to, rank="full", method="gsvd", data=x, max_patches=1024)
+    with torch.no_grad():
+        assert _rel(new.eval()(x), model(x)) <= 1e-5
+    assert all(r["output_error"] <= 1e-5 for r in rep.layers)

@@ -365,12 +365,13 @@ def _capture(model: nn.Module, names: list[str], convs: dict, images: Tensor, ma
 
         def hook(mod, inp):
             x = inp[0]
+            keep = torch.float64 if x.dtype == torch.float64 else torch.float32  # storage of sampled patches
             bsz = x.shape[0]
             npos = math.prod(_out_size(conv, tuple(x.shape[-2:])))
             take = min(bsz * npos, per_image * bsz)
             idx = _sample_index(nm, state["batch"], bsz * npos, take, seed).to(x.device)
             found[nm].append(fz.sample_patches(x, conv.kernel_size, conv.stride, conv._reversed_padding_repeated_twice,
-                                               conv.dilation, conv.padding_mode, idx).float())  # (take, D)
+                                               conv.dilation, conv.padding_mode, idx).to(keep))  # (take, D)
             if nm == stop_after:
                 raise _Stop
         return hook
