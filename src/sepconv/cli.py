@@ -415,6 +415,113 @@ def _run_spectrum(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- sepconv convert
+
+
+def _rank_arg(s: str):
+    if s == "full":
+        return s
+    return positive_int(s)
+
+
+def _energy_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
+def _speedup_arg(s: str) -> float:
+    v = positive_float(s)
+    if not v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number > 1, got {s!r}")
+    return v
+
+
+def _add_convert(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert a model's trained regular convs into separable ones (He et al.)",
+                       description="Replace every regular k x k conv (groups 1) by a depthwise separable block: "
+                                   "depth-wise decomposition (dsc), BSConv-U/S, or channel decomposition; "
+                                   "data-free (svd) or fitted on calibration images (gsvd). Prints the per-layer "
+                                   "report, writes OUT/report.json and the model to OUT/model (fine-tune it with "
+                                   "`sepconv train --init OUT/model`).")
+    p.add_argument("model", metavar="MODEL", help="registry name, saved model directory, or package.module:callable")
+    p.add_argument("--to", choices=("dsc", "bsconv_u", "bsconv_s", "channel"), default="dsc",
+                   help="target form (default dsc: depthwise then pointwise)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=_rank_arg, metavar="R", help="per-layer rank, or 'full' (exact); default 1")
+    g.add_argument("--energy", type=_energy_arg, metavar="E",
+                   help="per layer the smallest rank whose mean retained spectral energy reaches E in (0, 1]")
+    g.add_argument("--speedup", type=_speedup_arg, metavar="S",
+                   help="ranks such that the converted layers' FLOPs are about 1/S of the originals")
+    p.add_argument("--method", choices=("svd", "gsvd"), default="svd",
+                   help="svd: data-free; gsvd: fitted on calibration images (needs --data)")
+    p.add_argument("--single-layer", dest="multilayer", action="store_false",
+                   help="gsvd: fit each layer on the original inputs (default: on the partly converted network's)")
+    p.add_argument("--p", type=_energy_arg, default=None, metavar="P",
+                   help="bsconv_s: subspace fraction as in BSConv-S (default: keep the pointwise rank)")
+    p.add_argument("--data", metavar="NAME", help="calibration dataset (digits, cifar10, ...; its train split)")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
+    p.add_argument("--image-size", type=positive_int, help="resize calibration images to this size")
+    p.add_argument("--samples", type=positive_int, default=512, help="calibration images (default 512)")
+    p.add_argument("--max-patches", type=positive_int, default=4096, help="sampled patches per layer (default 4096)")
+    p.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"),
+                   help="input height and width without --data (default: the model's registered size)")
+    p.add_argument("--weights", metavar="FILE", help="state dict (.safetensors or .pt) loaded strictly on top")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (to match --weights)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/convert-TO); the model goes to OUT/model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _run_convert(args) -> int:
+    import json
+    from pathlib import Path
+
+    from torch import nn
+
+    from .decompose import convert
+    from .io import atomic_write_text, model_from_spec, save_model
+
+    if args.method == "gsvd" and not args.data:
+        raise ConfigError("--method gsvd fits on calibration images: give --data NAME (or use --method svd)")
+    data = None
+    kw = {}
+    if args.data:
+        from .data import load_dataset
+
+        data = load_dataset(args.data, args.data_dir, split="train", image_size=args.image_size)
+        kw = dict(in_chans=data.in_chans, num_classes=args.num_classes or data.num_classes)
+    elif args.num_classes:
+        kw = dict(num_classes=args.num_classes)
+    model = model_from_spec(args.model, weights=args.weights, **kw)
+    input_size = None
+    if data is None and args.input_size:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise ConfigError(f"{args.model}: the model has no Conv2d layer to convert")
+        input_size = (first.in_channels, *args.input_size)
+    new, rep = convert(model, to=args.to, rank=args.rank, energy=args.energy, speedup=args.speedup,
+                       method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
+                       num_samples=args.samples, max_patches=args.max_patches, p=args.p,
+                       progress=args.progress and not args.json)
+    out = Path(args.out or f"runs/convert-{args.to}")
+    doc = {"model": args.model, "data": args.data, **rep.to_dict()}
+    save_model(new, out / "model")
+    atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(rep.table())
+        print(f"model saved to {out / 'model'} (fine-tune: sepconv train --init {out / 'model'}); "
+              f"report: {out / 'report.json'}")
+    return 0
+
+
 # ----------------------------------------------------------------- registry of commands
 
 COMMANDS: list[tuple[Callable, Callable]] = [
@@ -422,6 +529,7 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (_add_train, _run_train),
     (_add_models, _run_models),
     (_add_spectrum, _run_spectrum),
+    (_add_convert, _run_convert),
 ]
 
 

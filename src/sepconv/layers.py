@@ -98,8 +98,15 @@ def compose_blueprint(pw_weight: Tensor, dw_weight: Tensor) -> Tensor:
     blueprints ``B = dw_weight[:, 0]`` (``out x k x k``): the blueprint definition of Haase & Amthor 2020
     ("each filter is one blueprint scaled along depth"). Exact for every padding mode,
     since a bias-free pointwise convolution commutes with per-channel padding.
+
+    With ``b`` blueprints per filter (``pw_weight`` is ``(out * b, in, 1, 1)`` and ``dw_weight``
+    ``(out, b, k, k)``, a grouped conv reading ``b`` channels per output) the kernel is the sum
+    of ``b`` blueprint terms, ``F[n, m] = sum_j w[n*b + j, m] B[n, j]`` (the ``K``-path form of
+    Network Decoupling, Guo et al. 2018, arXiv 1808.05517); ``b = 1`` is the formula above.
     """
-    return pw_weight[:, :, 0, 0, None, None] * dw_weight[:, 0, None]
+    out, b = dw_weight.shape[0], dw_weight.shape[1]
+    w = pw_weight[:, :, 0, 0].reshape(out, b, -1)  # (out, b, in)
+    return torch.einsum("ojm,ojhw->omhw", w, dw_weight)
 
 
 # ----------------------------------------------------------------- helpers
@@ -120,6 +127,11 @@ def _check_geometry(block: str, in_channels: int, out_channels: int, stride: Int
             raise ConfigError(
                 f"{block}: padding='same' needs stride 1 (got stride={stride!r}); as in PyTorch, pass an "
                 "explicit padding such as dilation*(kernel_size-1)//2 for strided convolutions")
+
+
+def _check_blueprints(block: str, blueprints: int) -> None:
+    if isinstance(blueprints, bool) or not isinstance(blueprints, int) or blueprints < 1:
+        raise ConfigError(f"{block}: blueprints must be a positive integer, got {blueprints!r}")
 
 
 def _make_norm(spec: ModuleSpec, channels: int) -> nn.Module:
@@ -244,21 +256,33 @@ class BSConvU(_SeparableBlock):
     (``BatchNorm2d(out, **bn_kwargs)``, only with ``with_bn=True``), ``dw``
     (``Conv2d(out, out, k, groups=out, bias=bias)`` with stride, padding, dilation and
     padding mode). Same parameters, names and function as ``bsconv.pytorch.BSConvU``.
+
+    ``blueprints=b > 1`` (not in ``bsconv``) gives each filter ``b`` blueprints: ``pw`` is
+    ``Conv2d(in, out * b, 1)``, ``bn`` has ``out * b`` channels and ``dw`` is the grouped
+    ``Conv2d(out * b, out, k, groups=out)`` -- the ``K``-path PW->DW form of Network
+    Decoupling (Guo et al. 2018), which :mod:`sepconv.decompose` produces at rank ``b``.
     """
 
     spatial, last = "dw", "dw"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: Padding = 0, dilation: IntPair = 1, bias: bool = True, padding_mode: str = "zeros",
-                 with_bn: bool = False, bn_kwargs: dict | None = None, device=None, dtype=None) -> None:
+                 with_bn: bool = False, bn_kwargs: dict | None = None, blueprints: int = 1,
+                 device=None, dtype=None) -> None:
         super().__init__()
         _check_geometry(type(self).__name__, in_channels, out_channels, stride, padding)
+        _check_blueprints(type(self).__name__, blueprints)
         fk = dict(device=device, dtype=dtype)
-        self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=False, **fk)
+        mid = out_channels * blueprints
+        self.pw = nn.Conv2d(in_channels, mid, 1, bias=False, **fk)
         if with_bn:
-            self.bn = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **fk)
-        self.dw = nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+            self.bn = nn.BatchNorm2d(mid, **(bn_kwargs or {}), **fk)
+        self.dw = nn.Conv2d(mid, out_channels, kernel_size, stride, padding, dilation,
                             groups=out_channels, bias=bias, padding_mode=padding_mode, **fk)
+
+    @property
+    def blueprints(self) -> int:
+        return self.dw.in_channels // self.dw.out_channels
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, k, k)`` kernel ``F[n, m] = w[n, m] B[n]`` of the regular conv
@@ -277,6 +301,11 @@ class BSConvS(_SeparableBlock):
     bias=False)``), ``bn2`` (``BatchNorm2d(out)``, only with ``with_bn``), ``dw``
     (``Conv2d(out, out, k, groups=out, bias=bias)``). Same parameters, names and function
     as ``bsconv.pytorch.BSConvS``. Train with ``loss + orthonormal_penalty(model)``.
+
+    Two options beyond ``bsconv`` (used by :mod:`sepconv.decompose`): ``mid_channels``
+    sets ``M'`` directly (instead of ``p``), and ``blueprints=b`` gives each filter ``b``
+    blueprints as in :class:`BSConvU` (``pw2`` then has ``out * b`` channels and ``dw`` is
+    grouped, ``b`` inputs per output).
     """
 
     spatial, last = "dw", "dw"
@@ -284,20 +313,32 @@ class BSConvS(_SeparableBlock):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: Padding = 0, dilation: IntPair = 1, bias: bool = True, padding_mode: str = "zeros",
                  p: float = 0.25, min_mid_channels: int = 4, with_bn: bool = False,
-                 bn_kwargs: dict | None = None, device=None, dtype=None) -> None:
+                 bn_kwargs: dict | None = None, blueprints: int = 1, mid_channels: int | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         _check_geometry(type(self).__name__, in_channels, out_channels, stride, padding)
-        mid = bsconv_s_mid_channels(in_channels, p, min_mid_channels)
+        _check_blueprints(type(self).__name__, blueprints)
+        if mid_channels is None:
+            mid = bsconv_s_mid_channels(in_channels, p, min_mid_channels)
+        elif isinstance(mid_channels, bool) or not isinstance(mid_channels, int) or mid_channels < 1:
+            raise ConfigError(f"BSConvS: mid_channels must be a positive integer, got {mid_channels!r}")
+        else:
+            mid = mid_channels
         fk = dict(device=device, dtype=dtype)
         bk = bn_kwargs or {}
+        out_b = out_channels * blueprints
         self.pw1 = mark_orthonormal(nn.Conv2d(in_channels, mid, 1, bias=False, **fk))
         if with_bn:
             self.bn1 = nn.BatchNorm2d(mid, **bk, **fk)
-        self.pw2 = nn.Conv2d(mid, out_channels, 1, bias=False, **fk)
+        self.pw2 = nn.Conv2d(mid, out_b, 1, bias=False, **fk)
         if with_bn:
-            self.bn2 = nn.BatchNorm2d(out_channels, **bk, **fk)
-        self.dw = nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+            self.bn2 = nn.BatchNorm2d(out_b, **bk, **fk)
+        self.dw = nn.Conv2d(out_b, out_channels, kernel_size, stride, padding, dilation,
                             groups=out_channels, bias=bias, padding_mode=padding_mode, **fk)
+
+    @property
+    def blueprints(self) -> int:
+        return self.dw.in_channels // self.dw.out_channels
 
     @property
     def mid_channels(self) -> int:

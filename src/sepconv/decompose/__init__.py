@@ -1,0 +1,53 @@
+"""Converting trained regular convolutions into depthwise separable ones.
+
+``convert(model, to="dsc"|"bsconv_u"|"bsconv_s"|"channel", rank=.. | energy=.. | speedup=..,
+method="svd"|"gsvd", data=...) -> (model, ConversionReport)`` (:mod:`.convert`), built on the
+pure factorizations of :mod:`.factor`: depth-wise decomposition (He et al., arXiv 1910.09455),
+blueprint / BSConv-U and BSConv-S (Haase & Amthor, arXiv 2003.13549; Guo et al., arXiv
+1808.05517), channel decomposition (Zhang et al., arXiv 1505.06798), with data-driven (GSVD,
+least-squares) fits on calibration patches.
+"""
+
+from .convert import ConversionReport, build_block, convert, convert_layer, dense_weight, full_rank, layer_macs
+from .factor import (
+    Moments,
+    blueprint_factors,
+    blueprint_spectrum,
+    channel_factors,
+    channel_spectrum,
+    depthwise_factors,
+    depthwise_spectrum,
+    energy_rank,
+    extract_patches,
+    patch_moments,
+    refit_pointwise,
+    response_error,
+    retained_energy,
+    sample_patches,
+    subspace_factors,
+)
+
+__all__ = [
+    "ConversionReport",
+    "Moments",
+    "blueprint_factors",
+    "blueprint_spectrum",
+    "build_block",
+    "channel_factors",
+    "channel_spectrum",
+    "convert",
+    "convert_layer",
+    "dense_weight",
+    "depthwise_factors",
+    "depthwise_spectrum",
+    "energy_rank",
+    "extract_patches",
+    "full_rank",
+    "layer_macs",
+    "patch_moments",
+    "refit_pointwise",
+    "response_error",
+    "retained_energy",
+    "sample_patches",
+    "subspace_factors",
+]
