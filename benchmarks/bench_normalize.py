@@ -5,7 +5,7 @@ Lipschitz training on digits.
   3x32x32, batch 64, channels_last, medians over interleaved repeats, for no SN, each method of
   :func:`sepconv.normalize.spectral_normalize` and deel-torchlip's ``SpectralConv2d``; the
   normalizer alone (every parametrized weight, forward + backward); the persistent state the
-  normalization adds; peak resident memory of a fresh process running 3 steps (``ru_maxrss``).
+  normalization adds; peak resident memory of a fresh process running 3 steps (``VmHWM``).
 * The true zero-padding norm of the 17 depthwise layers after normalizing (target 1): the
   certified bracket of :func:`sepconv.spectral.bracket` on the effective weights.
 * Digits: accuracy, the certified network Lipschitz bound and certified accuracy, trained
@@ -126,11 +126,17 @@ def _normalizer(model: nn.Module) -> Callable[[], None]:
 
 
 def peak_memory(method: str) -> float:
-    """Peak resident set (MiB) of this process after building the model and 3 train steps."""
+    """Peak resident set (MiB) of this process after building the model and 3 train steps: ``VmHWM``
+    of ``/proc/self/status`` (per address space; ``ru_maxrss`` is not usable here: Linux carries it
+    over from the parent across fork and exec)."""
     torch.set_num_threads(THREADS)
     step = _train_step(build(method))
     for _ in range(3):
         step()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -168,7 +174,7 @@ def _cost(quick: bool) -> str:
     return ("cifar_mobilenet_v2 w1.0 (2.24 M params), 3x32x32, batch 64, channels_last, SGD momentum, "
             f"{THREADS} thread(s) (see `THREADS`); "
             f"medians of {repeats} interleaved repeats. The normalizer column computes every parametrized weight "
-            "as in one training forward and back-propagates a fixed cotangent. Peak RSS: `ru_maxrss` of a fresh "
+            "as in one training forward and back-propagates a fixed cotangent. Peak RSS: `VmHWM` of a fresh "
             "process that builds the model and runs 3 steps.\n\n" + table
             + ("\n\n" + "\n".join(f"* {n}" for n in notes) if notes else ""))
 

@@ -427,10 +427,10 @@ class SNSummary:
             counts[r.parametrization] = counts.get(r.parametrization, 0) + 1
         head = (f"spectral_normalize(method={self.method!r}, target={self.target:g}, mode={self.mode!r}): "
                 f"{len(self.layers)} layers ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-                f"{'certified' if self.certified else 'NOT certified (estimates)'} in eval mode")
+                f"{'certified' if self.certified else 'NOT certified'} in eval mode")
         width = max([len(r.name) for r in self.layers] + [5])
         lines = [head] + [f"  {r.name:<{width}}  {r.module:<12} {r.parametrization:<18} {r.geometry}"
-                          f"{'' if r.certified else '  [estimate]'}" for r in self.layers]
+                          f"{'' if r.certified else '  [not certified]'}" for r in self.layers]
         lines += [f"  {n:<{width}}  skipped: {why}" for n, why in self.skipped]
         return "\n".join(lines)
 
@@ -552,7 +552,10 @@ def spectral_normalize(model: nn.Module, method: str = "dsc", target: float = 1.
     if not any(kind != "bn" for _, _, kind in plan):
         raise UnsupportedLayerError(
             f"spectral_normalize: {type(model).__name__} has no layer to normalize (no Conv2d or Linear)")
-    needs_size = any(kind in ("dw", "full") or (kind == "pw" and method == "operator") for _, _, kind in plan)
+    def needs_spec(kind: str) -> bool:  # the layer's input size enters its norm
+        return (kind in ("dw", "full") and method != "reshape") or (kind == "pw" and method == "operator")
+
+    needs_size = any(needs_spec(kind) for _, _, kind in plan)
     shape, seen = None, {}
     if needs_size:
         shape = _resolve_in_size(model, in_size)
@@ -567,7 +570,7 @@ def spectral_normalize(model: nn.Module, method: str = "dsc", target: float = 1.
     for name, mod, kind in plan:
         w = mod.weight.detach()
         spec = None
-        if kind in ("dw", "full") or (kind == "pw" and method == "operator"):
+        if needs_spec(kind):
             if name not in seen:
                 summary.skipped.append((name, "not called by a forward pass; input size unknown"))
                 continue

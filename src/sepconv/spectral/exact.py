@@ -93,9 +93,9 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> lis
 
     Layers with the same kernel size and circulant majorant are stacked along the channel axis
     and evaluated by one separable DFT (:func:`fourier.vector_block_power`):
-    ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (with a depth multiplier ``m`` *and* a
-    stride the polyphase blocks are ``m x s^2`` matrices: their largest singular value per frequency) (Sedghi et al. 2019; Runkel et al.
-    2021, arXiv 2102.06496). **Exact** for circulant geometries (circular padding); for zero,
+    ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019; Runkel et al. 2021,
+    arXiv 2102.06496); with a depth multiplier ``m`` *and* a stride the polyphase blocks are
+    ``m x s^2`` matrices, so their largest singular value per frequency is taken instead. **Exact** for circulant geometries (circular padding); for zero,
     reflect or replicate padding each value is the **certified upper bound** of
     :func:`bounds.fft_bound` for that channel alone (circular embedding; times the padding factor).
     """
