@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sepconv train --model simple_cnn --data digits --epochs 3 --out runs/demo
+	$(VENV)/bin/sepconv demo --out demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -59,7 +59,7 @@ def test_quick_demo_writes_four_sections_json_and_plots(quick_demo):
         sec = doc["sections"][key]
         assert title in sec["title"] and f"## {sec['title']}" in md
         assert sec["claim"] and sec["held"] in (True, False, None) and sec["verdict"] in md
-        assert sec["plots"] or key == "bsconv"
+        assert sec.get("plots") or key == "bsconv"
         for plot in sec.get("plots", []):
             assert (out / plot).is_file() and (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({plot})" in md

@@ -19,6 +19,8 @@ All solvers work in float64 internally and return tensors of the weight's dtype.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,17 @@ def _ridge(s: Tensor) -> Tensor:
     d = s.shape[-1]
     lam = RIDGE * s.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     return s + lam[..., None, None] * torch.eye(d, dtype=s.dtype, device=s.device)
+
+
+def _ridge_solve(h: Tensor, rhs: Tensor) -> Tensor:
+    """Batched ``(h + ridge) x = rhs``; a system that is not finite (a degenerate filter whose
+    alternating updates blew up) gives a NaN solution instead of stopping the batch, which the
+    callers' keep-the-best-step rule then rejects."""
+    ok = torch.isfinite(h).flatten(1).all(1) & torch.isfinite(rhs).flatten(1).all(1)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    x = torch.linalg.solve(torch.where(ok[:, None, None], _ridge(torch.nan_to_num(h)), eye),
+                           torch.where(ok[:, None, None], rhs, torch.zeros_like(rhs)))
+    return torch.where(ok[:, None, None], x, torch.full_like(x, math.nan))
 
 
 def _f64(weight: Tensor) -> Tensor:
@@ -309,14 +322,14 @@ def _blueprint_als(w: Tensor, a: Tensor, b: Tensor, mom: Moments, iters: int) ->
     for _ in range(iters):
         ha = torch.einsum("okj,ikpl,olm->oijpm", b, hh4, b).reshape(n, c * r, c * r)
         ra = torch.einsum("oik,okj->oij", g, b).reshape(n, c * r, 1)
-        a = torch.linalg.solve(_ridge(ha), ra).reshape(n, c, r)
+        a = _ridge_solve(ha, ra).reshape(n, c, r)
         hb = torch.einsum("oij,ikpl,opm->okjlm", a, hh4, a).reshape(n, k * r, k * r)
         rb = torch.einsum("oik,oij->okj", g, a).reshape(n, k * r, 1)
-        b = torch.linalg.solve(_ridge(hb), rb).reshape(n, k, r)
+        b = _ridge_solve(hb, rb).reshape(n, k, r)
         f = per_filter(a, b)
         better = f < best_f
         best_a[better], best_b[better] = a[better], b[better]
-        best_f = torch.minimum(f, best_f)
+        best_f = torch.where(better, f, best_f)  # NaN steps (degenerate filters) never win
     return best_a, best_b
 
 
