@@ -343,3 +343,29 @@ def test_data_driven_fit_at_full_rank_is_exact_too(to):
     with torch.no_grad():
         assert _rel(new.eval()(x), model(x)) <= 1e-5
     assert all(r["output_error"] <= 1e-5 for r in rep.layers)
+
+
+def test_blueprint_fit_survives_degenerate_filters_and_rank_deficient_patches():
+    """Dead filters (all zero) and patches that span only a few directions make the alternating
+    least-squares systems singular; the fit must still return finite factors no worse than the SVD."""
+    from sepconv.decompose.factor import _ridge_solve, blueprint_factors, patch_moments, response_error
+
+    torch.manual_seed(0)
+    n, c, k = 6, 4, 3
+    w = torch.randn(n, c, k, k, dtype=torch.float64)
+    w[2] = 0.0
+    w[4] *= 1e-150
+    basis = torch.randn(3, c * k * k, dtype=torch.float64)
+    px = torch.randn(500, 3, dtype=torch.float64) @ basis  # rank-3 patches in 36 dimensions
+    mom = patch_moments(px)
+    from sepconv.layers import compose_blueprint
+
+    for r in (1, 2, 4):
+        pw, dw = blueprint_factors(w, r, mom)
+        assert torch.isfinite(pw).all() and torch.isfinite(dw).all()
+        fit = response_error(w, compose_blueprint(pw, dw), mom)
+        free = response_error(w, compose_blueprint(*blueprint_factors(w, r)), mom)
+        assert fit <= free * (1 + 1e-9) + 1e-300
+    h = torch.stack([torch.eye(2, dtype=torch.float64), torch.full((2, 2), float("nan"), dtype=torch.float64)])
+    x = _ridge_solve(h, torch.ones(2, 2, 1, dtype=torch.float64))
+    assert torch.allclose(x[0], torch.ones(2, 1, dtype=torch.float64), atol=1e-6) and torch.isnan(x[1]).all()
