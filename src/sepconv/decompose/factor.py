@@ -112,14 +112,21 @@ def _ridge(s: Tensor) -> Tensor:
 
 
 def _ridge_solve(h: Tensor, rhs: Tensor) -> Tensor:
-    """Batched ``(h + ridge) x = rhs``; a system that is not finite (a degenerate filter whose
-    alternating updates blew up) gives a NaN solution instead of stopping the batch, which the
-    callers' keep-the-best-step rule then rejects."""
-    ok = torch.isfinite(h).flatten(1).all(1) & torch.isfinite(rhs).flatten(1).all(1)
+    """Batched ``(h + ridge) x = rhs``. Each system is first scaled by its largest entry (the
+    solution is unchanged), so a filter whose alternating updates grew huge cannot overflow the
+    factorisation; a system that is zero or not finite (a degenerate filter) gives a NaN
+    solution instead of stopping the batch, which the callers' keep-the-best-step rule rejects."""
+    scale = h.abs().amax((-2, -1))
+    ok = torch.isfinite(scale) & (scale > 0) & torch.isfinite(rhs).flatten(1).all(1)
+    scale = torch.where(ok, scale, torch.ones_like(scale))[:, None, None]
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    x = torch.linalg.solve(torch.where(ok[:, None, None], _ridge(torch.nan_to_num(h)), eye),
-                           torch.where(ok[:, None, None], rhs, torch.zeros_like(rhs)))
-    return torch.where(ok[:, None, None], x, torch.full_like(x, math.nan))
+    hs = torch.where(ok[:, None, None], _ridge(torch.nan_to_num(h) / scale), eye)
+    rs = torch.where(ok[:, None, None], rhs / scale, torch.zeros_like(rhs))
+    try:
+        x = torch.linalg.solve(hs, rs)
+    except RuntimeError:  # LAPACK refused a system anyway: reject this step for every filter
+        return torch.full_like(rhs, math.nan)
+    return torch.where(ok[:, None, None] & torch.isfinite(x), x, torch.full_like(x, math.nan))
 
 
 def _f64(weight: Tensor) -> Tensor:
