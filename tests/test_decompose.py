@@ -36,12 +36,7 @@ SETTINGS = settings(max_examples=30, deadline=None)
 TARGETS = ("dsc", "bsconv_u", "bsconv_s", "channel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):

@@ -14,12 +14,7 @@ from sepconv.layers import orthonormal_penalty, penalty_sources
 from sepconv.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _copy_reference_into_ours(ref: nn.Module, ours: nn.Module) -> None:
