@@ -2,6 +2,7 @@
 number of the report comes from the JSON."""
 
 import json
+import math
 import re
 
 import pytest
@@ -104,3 +105,18 @@ def test_report_refuses_literal_numbers_and_readme_block_is_rewritten_from_json(
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert re.search(r"\*\*A section\*\* -- \*\*Held\.\*\* it held at 0\.9312", text)
+
+
+def test_radius_grid_spans_the_certified_radii_of_every_model():
+    import torch
+
+    from sepconv.demo import median_radius, radius_grid
+
+    a = torch.tensor([-float("inf"), 2e-5, 5e-5, 1e-4, 3e-4])  # one wrong prediction
+    b = torch.tensor([1e-3, 4e-3, 2e-2, -float("inf"), 5e-3])
+    grid = radius_grid([a, b])
+    assert grid[0] == 0.0 and grid == sorted(grid) and len(grid) <= 6
+    assert grid[1] <= 3e-5 and grid[-1] >= 1e-2  # from below the 10% to above the 90% quantile
+    cert = [float((a > e).double().mean()) for e in grid]
+    assert cert[0] == 0.8 and any(0 < c < 0.8 for c in cert)  # the curve is not flat on the grid
+    assert math.isclose(median_radius(a), 5e-5, rel_tol=1e-6) and radius_grid([torch.tensor([-float("inf")])]) == [0.0]

@@ -171,6 +171,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=positive_float, default=d.gamma)
     g.add_argument("--warmup-epochs", type=nonneg_float, default=d.warmup_epochs)
     g.add_argument("--label-smoothing", type=unit_float, default=d.label_smoothing)
+    g.add_argument("--logit-scale", type=positive_float, default=d.logit_scale, metavar="S",
+                   help="train on cross_entropy(S * logits) / S (default 1); S ~ 10 lets a spectrally "
+                        "normalized network reach the margins a certificate needs")
     g.add_argument("--bsconv-alpha", type=nonneg_float, default=None,
                    help="weight of the BSConv-S orthonormal penalty (default 0.1 when the model has "
                         "BSConv-S parts, else 0)")
@@ -195,7 +198,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (the per-epoch summary lines stay)")
     return p
 
 
@@ -211,7 +215,8 @@ def _train_config(args) -> "TrainConfig":
         augment=args.augment, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
-        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, channels_last=args.channels_last,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        logit_scale=args.logit_scale, channels_last=args.channels_last,
         seed=args.seed, device=args.device, bsconv_alpha=alpha,
         sn=args.sn, sn_target=args.sn_target, sn_mode=args.sn_mode, sn_batchnorm=args.sn_batchnorm,
         ff_beta=args.ff_beta, certify=tuple(args.certify),
@@ -223,7 +228,7 @@ def _run_train(args) -> int:
     from .train import train
 
     cfg = _train_config(args)
-    res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after)
+    res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after, log=True)
     if res.history:
         print(f"best test accuracy {res.best_acc:.4f}; model saved to {res.out / 'model'}")
     return 0

@@ -61,6 +61,7 @@ class Context:
     device: str = "cpu"
     progress: Callable[[str], None] = lambda msg: None
     runs: dict[str, "Run"] = field(default_factory=dict)
+    bars: bool = False  # a progress bar for each training stage
 
     def config(self, name: str, **kw) -> TrainConfig:
         base = dict(data=self.data, data_dir=self.data_dir, image_size=self.budget.image_size,
@@ -73,7 +74,7 @@ class Context:
         """Train (or reuse / resume) the run ``name``; see :func:`train_cached`."""
         if name not in self.runs:
             self.progress(f"training {name}")
-            self.runs[name] = train_cached(self.config(name, **kw), hooks)
+            self.runs[name] = train_cached(self.config(name, **kw), hooks, progress=self.bars)
         return self.runs[name]
 
 
@@ -88,8 +89,9 @@ class Run:
         return self.history[-1]["test_acc"]
 
 
-def train_cached(cfg: TrainConfig, hooks: Hooks | None = None) -> Run:
-    """Train ``cfg``; reuse a finished run with the same config, resume an interrupted one."""
+def train_cached(cfg: TrainConfig, hooks: Hooks | None = None, progress: bool = False) -> Run:
+    """Train ``cfg``; reuse a finished run with the same config, resume an interrupted one.
+    ``progress``: the training's per-epoch bars (under the demo's own bar), no summary lines."""
     from .io import load_model
 
     out = Path(cfg.out)
@@ -101,7 +103,7 @@ def train_cached(cfg: TrainConfig, hooks: Hooks | None = None) -> Run:
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         if len(history) == cfg.epochs:
             return Run(cfg, load_model(out / "model"), history)
-    res = train(cfg, hooks=hooks, resume=same and (out / "last.pt").is_file(), progress=False)
+    res = train(cfg, hooks=hooks, resume=same and (out / "last.pt").is_file(), progress=progress, log=False)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return Run(cfg, res.model, history)
 
@@ -159,6 +161,44 @@ def eval_batches(ctx: "Context", limit: int | None = None, batch_size: int = 500
     ds = load_dataset(ctx.data, ctx.data_dir, split="test", image_size=ctx.budget.image_size)
     n = len(ds) if limit is None else min(limit, len(ds))
     return [ds.get_batch(torch.arange(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+
+
+def radius_grid(radii: list[Tensor], max_points: int = 6) -> list[float]:
+    """The radii at which the report tabulates certified accuracy: ``0`` and the values ``1`` and
+    ``3`` times a power of ten spanning the certified radii of the models' correct predictions
+    (10% to 90% quantiles, pooled over the models), at most ``max_points`` of them. The networks'
+    certified Lipschitz bounds range over many orders of magnitude (free BatchNorm multiplies
+    them), so a fixed grid would show only zeros or only ones."""
+    pooled = torch.cat([r[torch.isfinite(r) & (r > 0)] for r in radii])
+    if pooled.numel() == 0:
+        return [0.0]
+    lo, hi = (float(v) for v in torch.quantile(pooled, torch.tensor([0.1, 0.9], dtype=pooled.dtype)))
+    grid = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            for m in (1, 3) if lo / 3 <= m * 10.0 ** k <= hi * 3]
+    if len(grid) >= max_points:  # keep both ends, evenly spaced between
+        grid = [grid[round(i * (len(grid) - 1) / (max_points - 2))] for i in range(max_points - 1)]
+    return [0.0] + [float(f"{e:.0e}") for e in grid]
+
+
+def median_radius(radii: Tensor) -> float:
+    """Median certified radius over the test samples (a wrong prediction counts as radius 0)."""
+    return float(torch.median(radii.clamp(min=0.0)))
+
+
+def draw_certified(ax, radii: dict[str, Tensor], lips: dict[str, float]) -> None:
+    """Certified accuracy against the radius, one step curve per model (from every sample's radius)."""
+    finite = torch.cat([r[torch.isfinite(r) & (r > 0)] for r in radii.values()])
+    lo = float(finite.min()) / 2 if finite.numel() else 1e-6
+    for k, r in radii.items():
+        n = r.numel()
+        xs = torch.sort(r[torch.isfinite(r) & (r > 0)]).values
+        acc = (torch.arange(xs.numel(), 0, -1, dtype=torch.float64) - 1) / n  # fraction above each radius
+        ax.step([lo, *xs.tolist()], [float((r > 0).double().mean()), *acc.tolist()], where="post",
+                label=f"{k} (L <= {lips[k]:.3g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("l2 radius eps")
+    ax.set_ylabel("certified accuracy")
+    ax.legend()
 
 
 def input_shape(model: nn.Module, ctx: "Context") -> tuple[int, int, int]:
@@ -250,6 +290,7 @@ def section_bsconv(ctx: Context, report: Report) -> None:
 
 
 SN_METHODS = (None, "dsc", "operator", "reshape")
+LOGIT_SCALE = 10.0  # section 1 trains on cross_entropy(s logits) / s (train.classification_loss)
 
 
 def _sn_label(m: str | None) -> str:
@@ -276,7 +317,7 @@ def _dw_pw_norms(model: nn.Module, shape: tuple[int, int, int]) -> list[dict]:
 def section_runkel(ctx: Context, report: Report) -> None:
     """Spectral normalization of depthwise separable convs (Runkel et al. 2021)."""
     from .normalize import remove_spectral_normalization
-    from .spectral import certified_accuracy, lipschitz_bound
+    from .spectral import certified_radii, lipschitz_bound
 
     b = ctx.budget
     sec = report.section(
@@ -290,7 +331,7 @@ def section_runkel(ctx: Context, report: Report) -> None:
     runs = {}
     for m in SN_METHODS:
         runs[_sn_label(m)] = ctx.train(f"mobilenet_v2_sn_{_sn_label(m)}", model="cifar_mobilenet_v2",
-                                       width=b.mobilenet_width, sn=m)
+                                       width=b.mobilenet_width, sn=m, logit_scale=LOGIT_SCALE)
     any_run = next(iter(runs.values()))
     shape = input_shape(any_run.model, ctx)
     ctx.progress("timing SN train steps")
@@ -301,31 +342,40 @@ def section_runkel(ctx: Context, report: Report) -> None:
     base = costs["none"]
     rows, norms, lips = [], {}, {}
     batches = eval_batches(ctx)
-    eps_grid = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1]
-    cert = {}
+    radii = {}
     for k, run in runs.items():
         ctx.progress(f"exact norms after SN {k}")
         model = run.model.eval()
         norms[k] = _dw_pw_norms(model, shape)
         L = lipschitz_bound(model, shape, method="fft")
         lips[k] = L
-        cert[k] = [certified_accuracy(model, batches, eps, lipschitz=L).certified for eps in eps_grid]
+        radii[k], _ = certified_radii(model, batches, lipschitz=L)
         over = sum(r["exact"] > 1 + 1e-3 for r in norms[k])
         rows.append({"sn": k, "test_acc": run.test_acc, "step_ms": 1e3 * costs[k]["step_s"],
                      "step_vs_none": costs[k]["step_s"] / base["step_s"],
                      "saved_MiB": costs[k]["saved_bytes"] / 2**20, "state_KiB": costs[k]["buffer_bytes"] / 2**10,
                      "max_layer_norm": max(r["exact"] for r in norms[k]), "layers_above_1": over,
                      "lipschitz_bound": L})
+    eps_grid = radius_grid(list(radii.values()))
+    cert = {k: [float((r > e).double().mean()) for e in eps_grid] for k, r in radii.items()}
+    sec.fill("Every run of this section, the unnormalized one included, trains on cross_entropy(s * logits) / s "
+             "with s = {s} (Bethune et al., Pay attention to your loss): a normalized network's logits are small, "
+             "and the scale lets it reach the margins a certificate needs.", s=LOGIT_SCALE)
     sec.table("methods", ["sn", "test_acc", "step_ms", "step_vs_none", "saved_MiB", "state_KiB", "max_layer_norm",
                           "layers_above_1", "lipschitz_bound"], rows,
               caption="MobileNetV2 trained alike with each spectral normalization (target one per layer, clip "
                       "mode; BatchNorm left free: clipping it to one as well stops the network from learning at this "
-                      "budget). Step time is the median of interleaved "
-                      "repeats at batch size of the table's timing batch; saved_MiB is what autograd keeps for "
-                      "backward; state_KiB the persistent buffers; norms are exact per-layer operator norms "
+                      "budget; every run, the unnormalized one included, trains on the scaled loss above). Step "
+                      "time is the median of interleaved repeats at batch size of the table's timing batch; "
+                      "saved_MiB is what autograd keeps for backward; state_KiB the persistent buffers; norms are exact per-layer operator norms "
                       "(certified brackets) of the trained depthwise and pointwise convs.")
     sec.data["per_layer"] = norms
     sec.data["certified"] = {"eps": eps_grid, **cert}
+    sec.table("certificates", ["sn", "lipschitz_bound", "median_radius", *(f"cert@{e:g}" for e in eps_grid)],
+              [{"sn": k, "lipschitz_bound": lips[k], "median_radius": median_radius(radii[k]),
+                **{f"cert@{e:g}": c for e, c in zip(eps_grid, cert[k])}} for k in cert],
+              caption="Certified accuracy on the test split at l2 radius eps (Lipschitz-margin certificate with the "
+                      "network's certified bound; radii chosen to span the models' certified radii):")
 
     def draw_norms(ax):
         for k, rs in norms.items():
@@ -337,12 +387,7 @@ def section_runkel(ctx: Context, report: Report) -> None:
         ax.legend()
 
     def draw_cert(ax):
-        for k, c in cert.items():
-            ax.plot(eps_grid, c, marker="o", label=f"{k} (L <= {lips[k]:.3g})")
-        ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("l2 radius eps")
-        ax.set_ylabel("certified accuracy")
-        ax.legend()
+        draw_certified(ax, radii, lips)
 
     sec.plot("norms", draw_norms, "Exact norm of every depthwise and pointwise conv after training, by method "
                                   "(dashed: the target):")
@@ -483,7 +528,7 @@ def section_he(ctx: Context, report: Report) -> None:
 
 def section_fantastic_four(ctx: Context, report: Report) -> None:
     """Fantastic Four bounds (Singla & Feizi, ICLR 2021)."""
-    from .spectral import ConvSpec, certified_accuracy, fantastic_four_terms, lipschitz_bound, spectral_norm
+    from .spectral import ConvSpec, certified_radii, fantastic_four_terms, lipschitz_bound, spectral_norm
     from .spectral import norm_bracket
     from .spectral.network import layer_inputs
 
@@ -531,22 +576,30 @@ def section_fantastic_four(ctx: Context, report: Report) -> None:
     beta = 0.01
     pen = ctx.train("resnet20_ff", model="resnet20", ff_beta=beta)
     batches = eval_batches(ctx)
-    eps_grid = [0.0, 0.001, 0.003, 0.01, 0.03]
-    comp = []
+    comp, radii, lips = [], {}, {}
     for label, run in (("no penalty", plain), ("Fantastic Four penalty", pen)):
         model = run.model.eval()
-        L = lipschitz_bound(model, shape, method="fft")
+        lips[label] = lipschitz_bound(model, shape, method="fft")
+        radii[label], _ = certified_radii(model, batches, lipschitz=lips[label])
+    eps_grid = radius_grid(list(radii.values()))
+    sec.data["certified_eps"] = eps_grid
+    for label, run in (("no penalty", plain), ("Fantastic Four penalty", pen)):
         comp.append({"training": label, "beta": 0.0 if run is plain else beta, "test_acc": run.test_acc,
-                     "lipschitz_bound": L,
-                     **{f"cert@{e:g}": certified_accuracy(model, batches, e, lipschitz=L).certified for e in eps_grid[1:]}})
-    sec.table("penalty", ["training", "beta", "test_acc", "lipschitz_bound"] + [f"cert@{e:g}" for e in eps_grid[1:]],
+                     "lipschitz_bound": lips[label], "median_radius": median_radius(radii[label]),
+                     **{f"cert@{e:g}": float((radii[label] > e).double().mean()) for e in eps_grid[1:]}})
+    sec.table("penalty", ["training", "beta", "test_acc", "lipschitz_bound", "median_radius"]
+              + [f"cert@{e:g}" for e in eps_grid[1:]],
               comp, caption="ResNet-20 trained alike with and without the Fantastic Four penalty (the sum of the "
-                            "conv layers' bounds times beta):")
+                            "conv layers' bounds times beta); certified accuracy at l2 radius eps and the median "
+                            "certified radius (Lipschitz-margin certificate; radii chosen to span the models'):")
+    sec.plot("certified", lambda ax: draw_certified(ax, radii, lips),
+             "Certified accuracy against the l2 radius, with and without the penalty:")
     lower = comp[1]["lipschitz_bound"] < comp[0]["lipschitz_bound"]
     sec.verdict(valid and lower, "Every one of the four bounds is at or above the exact norm on every layer: "
                 "{valid}; geometric mean of min-of-four over exact {gm}; the penalty lowers the network Lipschitz "
-                "bound: {lower} (accuracy change {dacc}).", valid=valid, gm=gm, lower=lower,
-                dacc=comp[1]["test_acc"] - comp[0]["test_acc"])
+                "bound: {lower} (accuracy change {dacc}; median certified radius {r0} without, {r1} with).",
+                valid=valid, gm=gm, lower=lower, dacc=comp[1]["test_acc"] - comp[0]["test_acc"],
+                r0=comp[0]["median_radius"], r1=comp[1]["median_radius"])
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -579,13 +632,17 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
 
         bar = tqdm(total=len(SECTIONS), desc="demo", unit="section", dynamic_ncols=True)
     ctx = Context(out, budget, data, data_dir, device,
-                  progress=(lambda m: bar.set_postfix_str(m)) if bar is not None else (lambda m: None))
+                  progress=(lambda m: bar.set_postfix_str(m)) if bar is not None else (lambda m: None),
+                  bars=bar is not None)
     if quick:
         report.run.text("**Quick mode**: tiny budgets (native 8x8 images, one epoch); the numbers show the "
                         "pipeline works, not what the papers claim. Run `sepconv demo` without --quick for "
                         "the real measurements.")
+    seconds = {}
     for section in SECTIONS:
+        t = time.perf_counter()
         section(ctx, report)
+        seconds[report.sections[-1].key] = round(time.perf_counter() - t, 1)
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -595,6 +652,9 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
                     epochs=budget.epochs, torch=torch.__version__, threads=torch.get_num_threads(),
                     wall=round(time.perf_counter() - t0, 1))
     report.run.data["summary"] = [report.run.blocks[-1]]
+    names = {"runkel": "Runkel", "he": "He", "bsconv": "BSConv", "fantastic4": "Fantastic Four"}
+    report.run.fill("Seconds per section: " + ", ".join(f"{names.get(k, k)} {{{k}}}" for k in seconds) + ".",
+                    **seconds)
     path = report.write(out)
     if readme is not None:
         from .report import update_readme

@@ -14,7 +14,7 @@ pointwise 1x1 conv, Linear    :class:`MatrixNorm` (``u``)                 estima
                                                                           exact in eval mode
 any conv (``operator``)       :class:`OperatorNorm` (``x``, input-sized)  estimate (from below)
 any conv (``fantastic4``,     :class:`BoundNorm` (stateless)              certified upper bound
-``gram``)
+``gram``; ``fft`` for ``dsc``)
 any conv (``reshape``)        :class:`ReshapeNorm` (``u``)                torch's value, no bound
 BatchNorm (``batchnorm``)     :class:`BatchNormLipschitz` (stateless)     exact (eval mode)
 ============================  ==========================================  ============================
@@ -46,9 +46,10 @@ from .spectral.spec import ConvSpec
 
 METHODS = ("dsc", "operator", "fantastic4", "gram", "reshape")
 MODES = ("clip", "scale")
-FULL_CONV = ("operator", "fantastic4", "gram")
+FULL_CONV = ("fft", "operator", "fantastic4", "gram")
 #: Power-iteration steps run once when a stateful parametrization is created (as torch's spectral_norm).
 WARMUP_ITERATIONS = 15
+FFT_TOL = 1e-4  # relative tolerance of the fft bound's block maximum (BoundNorm, bound="fft")
 
 # --------------------------------------------------------------------------- formulas
 
@@ -249,7 +250,10 @@ class MatrixNorm(_Normalizer):
     def forward(self, weight: Tensor) -> Tensor:
         if self.training and self._fusable() and weight.requires_grad and torch.is_grad_enabled():
             u, v, sigma = self._step(self.matrix(weight))
-            return _MatrixRescale.apply(weight, u[0], v[0], *scale_factor(float(sigma[0]), self.target, self.mode))
+            s, slope = scale_factor(float(sigma[0]), self.target, self.mode)
+            if s == 1.0 and slope == 0.0:  # clip mode, within the target: the weight itself
+                return weight
+            return _MatrixRescale.apply(weight, u[0], v[0], s, slope)
         return rescale(weight, self.sigma(weight), self.target, self.mode)
 
     def _fusable(self) -> bool:
@@ -341,7 +345,10 @@ class BoundNorm(_Normalizer):
     * ``fantastic4``: ``sqrt(h w) min(||R||, ||S||, ||T||, ||U||)`` of the four kernel reshapes
       (Singla & Feizi, ICLR 2021, arXiv 1911.10258, Thm. 1);
     * ``gram``: Gram iteration on the frequency blocks of the circulant majorant (Delattre et
-      al., ICML 2023, arXiv 2305.16173, Thm. 3), ``gram_iters`` steps.
+      al., ICML 2023, arXiv 2305.16173, Thm. 3), ``gram_iters`` steps;
+    * ``fft``: the circular-embedding bound (:func:`~sepconv.spectral.bounds.fft_bound`; exact for
+      circular padding, within a few per cent for zero padding), certified block by block --
+      tight and cheap for a stem conv with few input channels, costly for wide full convs.
 
     The normalized layer's norm is then at most ``target`` in training and eval mode alike. For a
     pointwise conv the geometry passed is ``1x1`` (its norm does not depend on the input size).
@@ -356,6 +363,8 @@ class BoundNorm(_Normalizer):
     def sigma(self, weight: Tensor) -> Tensor:
         if self.bound == "gram":
             return bounds.gram_iteration(weight, self.spec, iters=self.gram_iters)
+        if self.bound == "fft":
+            return bounds.fft_bound(weight, self.spec, tol=FFT_TOL)
         return bounds.fantastic_four(weight, self.spec)
 
     def extra_repr(self) -> str:
@@ -484,7 +493,7 @@ def _check_args(method, target, mode, n_power_iterations, full_conv) -> str:
         raise ConfigError(f"spectral_normalize: n_power_iterations must be a positive int, got {n_power_iterations!r}")
     if full_conv is not None and method != "dsc":
         raise ConfigError(f"spectral_normalize: full_conv applies to method 'dsc' only, not {method!r}")
-    full = full_conv or "operator"
+    full = full_conv or "fft"
     if full not in FULL_CONV:
         raise ConfigError(f"spectral_normalize: full_conv must be one of {', '.join(FULL_CONV)}, got {full_conv!r}")
     return full
@@ -534,8 +543,9 @@ def spectral_normalize(model: nn.Module, method: str = "dsc", target: float = 1.
     * ``dsc`` (Runkel et al. 2021, arXiv 2102.06496): depthwise convs -> :class:`DepthwiseFFTNorm`
       (all of them batched in one DFT per forward; ``per_channel`` divides each channel by its
       own factor), pointwise convs and ``Linear`` -> :class:`MatrixNorm`, remaining full convs ->
-      ``full_conv``: ``operator`` (default, :class:`OperatorNorm`), ``fantastic4`` or ``gram``
-      (:class:`BoundNorm`);
+      ``full_conv``: ``fft`` (default: the certified circular-embedding bound, tight for the stem
+      convs separable networks have), ``fantastic4`` or ``gram`` (:class:`BoundNorm`), or
+      ``operator`` (:class:`OperatorNorm`, cheapest for wide full convs, not certified);
     * ``operator``, ``fantastic4``, ``gram``: that method for every conv, :class:`MatrixNorm`
       for ``Linear``;
     * ``reshape``: torch's reshape value for every conv (:class:`ReshapeNorm`), for comparison.
@@ -609,13 +619,16 @@ def spectral_normalize(model: nn.Module, method: str = "dsc", target: float = 1.
         model._sepconv_dw_group = group
     record_recipe(model, "spectral_normalize", method=method, target=float(target), mode=mode,
                   in_size=list(shape) if shape is not None else None, batchnorm=bool(batchnorm),
-                  n_power_iterations=n_power_iterations, per_channel=bool(per_channel), full_conv=full_conv)
+                  n_power_iterations=n_power_iterations, per_channel=bool(per_channel),
+                  full_conv=full if method == "dsc" else None)
     return summary
 
 
 @register_recipe("spectral_normalize")
 def _replay(model: nn.Module, step: dict) -> nn.Module:
     args = {k: v for k, v in step.items() if k != "op"}
+    if args.get("method") == "dsc" and args.get("full_conv") is None:
+        args["full_conv"] = "operator"  # recipes written before the default became "fft"
     spectral_normalize(model, **args)
     return model
 

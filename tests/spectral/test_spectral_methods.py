@@ -14,6 +14,7 @@ from sepconv.spectral import (
     bracket,
     circulant_norm,
     depthwise_norm,
+    depthwise_channel_norms,
     depthwise_norms,
     exact_norm,
     fantastic_four,
@@ -101,6 +102,9 @@ def test_batched_depthwise_norms_match_per_layer_values_and_pass_gradcheck():
     assert math.isclose(float(got[3]), float(fft_bound(ws[3], specs[3])), rel_tol=1e-6)
     assert float(got[3]) >= dense_sigma(ws[3], specs[3])
     params = tuple(w.clone().requires_grad_() for w in ws)
+    # with a graph, each channel is evaluated at its peak frequency only: the same values
+    for a, b in zip(depthwise_channel_norms(list(params), specs), depthwise_channel_norms(ws, specs)):
+        assert a.requires_grad and torch.allclose(a, b, rtol=1e-12, atol=0)
     assert torch.autograd.gradcheck(lambda *p: depthwise_norms(list(p), specs), params, eps=1e-6, atol=1e-5)
 
 

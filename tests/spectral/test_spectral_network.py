@@ -16,6 +16,7 @@ from sepconv.spectral.network import (
     ACTIVATION_LIPSCHITZ,
     analyze,
     certified_accuracy,
+    certified_radii,
     lipschitz_bound,
     pad_lipschitz,
     pool_lipschitz,
@@ -320,3 +321,20 @@ def test_certified_accuracy_certifies_only_margins_above_sqrt2_L_eps():
     expected = float(((top[:, 0] - top[:, 1]) > math.sqrt(2) * L * 0.05).double().mean())
     assert cert.certified == expected
     assert certified_accuracy(model, loader, eps=0.0).certified == 1.0
+
+
+def test_certified_radii_are_margin_over_sqrt2_L_and_minus_inf_when_wrong():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    x = torch.randn(40, 1, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[:10] = (y[:10] + 1) % 3  # ten wrong labels
+    radii, L = certified_radii(model, [(x, y)], lipschitz=2.0)
+    top = logits.topk(2, 1).values
+    assert L == 2.0 and torch.isinf(radii[:10]).all() and (radii[:10] < 0).all()
+    torch.testing.assert_close(radii[10:], (top[10:, 0] - top[10:, 1]) / (math.sqrt(2) * 2.0))
+    for eps in (0.0, 0.01, 0.1):
+        cert = certified_accuracy(model, [(x, y)], eps, lipschitz=2.0)
+        assert cert.accuracy == 0.75 and cert.certified == float((radii > eps).double().mean())

@@ -112,7 +112,7 @@ def _ridge(s: Tensor) -> Tensor:
 
 
 def _ridge_solve(h: Tensor, rhs: Tensor) -> Tensor:
-    """Batched ``(h + ridge) x = rhs``. Each system is first scaled by its largest entry (the
+    """Batched ``(h + ridge) x = rhs`` for symmetric positive semi-definite ``h``. Each system is first scaled by its largest entry (the
     solution is unchanged), so a filter whose alternating updates grew huge cannot overflow the
     factorisation; a system that is zero or not finite (a degenerate filter) gives a NaN
     solution instead of stopping the batch, which the callers' keep-the-best-step rule rejects."""
@@ -122,10 +122,11 @@ def _ridge_solve(h: Tensor, rhs: Tensor) -> Tensor:
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     hs = torch.where(ok[:, None, None], _ridge(torch.nan_to_num(h) / scale), eye)
     rs = torch.where(ok[:, None, None], rhs / scale, torch.zeros_like(rhs))
-    try:
-        x = torch.linalg.solve(hs, rs)
-    except RuntimeError:  # LAPACK refused a system anyway: reject this step for every filter
-        return torch.full_like(rhs, math.nan)
+    # the systems are ridge-regularised second moments (symmetric positive definite): Cholesky,
+    # which flags a system it cannot factor (info > 0) instead of raising or printing LAPACK errors
+    chol, info = torch.linalg.cholesky_ex(hs)
+    ok &= info == 0
+    x = torch.cholesky_solve(rs, torch.where(ok[:, None, None], chol, eye))
     return torch.where(ok[:, None, None] & torch.isfinite(x), x, torch.full_like(x, math.nan))
 
 

@@ -24,7 +24,7 @@ from .exact import (
     spectral_norm,
 )
 from .iterative import power_iteration
-from .network import Certificate, LayerRecord, analyze, certified_accuracy, lipschitz_bound
+from .network import Certificate, LayerRecord, analyze, certified_accuracy, certified_radii, lipschitz_bound
 from .spec import PADDING_MODES, ConvSpec
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "batchnorm_lipschitz",
     "bracket",
     "certified_accuracy",
+    "certified_radii",
     "chain_norm",
     "circulant_norm",
     "depthwise_channel_norms",

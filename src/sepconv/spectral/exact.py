@@ -119,6 +119,13 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec]) -> lis
             # depth multiplier *and* stride: each block is an m x s^2 matrix, not a vector
             fh, fw = fourier.unique_frequencies(sub, kernel.device)
             peak = torch.linalg.matrix_norm(fourier.symbol(kernel, sub, fh, fw), ord=2).amax(0)
+        elif kernel.requires_grad and torch.is_grad_enabled():
+            # find each channel's peak without a graph, then differentiate there only
+            with torch.no_grad():
+                power = fourier.vector_block_power(kernel, sub).flatten(1)  # (g, Mh * (Mw//2 + 1))
+                arg = power.argmax(1)
+            fh, fw = arg // (sub[1] // 2 + 1), arg % (sub[1] // 2 + 1)
+            peak = fourier.vector_block_power_at(kernel, sub, fh, fw).sqrt()
         else:
             peak = fourier.vector_block_power(kernel, sub).amax((-2, -1)).sqrt()
         start = 0

@@ -63,6 +63,8 @@ def circulant_kernel(weight: Tensor, stride: Sequence[int], dilation: Sequence[i
     """
     c_out, ci, kh, kw = weight.shape
     (dh, dw), (sh, sw) = dilation, stride
+    if (dh, dw, sh, sw) == (1, 1, 1, 1):
+        return weight.reshape(groups, c_out // groups, ci, kh, kw)  # a view: nothing to dilate or split
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     qh, qw = -(-eh // sh), -(-ew // sw)
     k = weight.new_zeros(c_out, ci, qh * sh, qw * sw)
@@ -235,6 +237,13 @@ class Majorant:
 
 
 def majorant(spec: ConvSpec, kernel_size: Sequence[int]) -> Majorant:
+    """The tightest circulant majorant this library knows for ``spec``; see :func:`_majorant`
+    (cached: a geometry's majorant is a constant)."""
+    return _majorant(spec, tuple(int(k) for k in kernel_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _majorant(spec: ConvSpec, kernel_size: tuple[int, int]) -> Majorant:
     """The tightest circulant majorant this library knows for ``spec`` (per dimension).
 
     * circulant geometry: the operator itself (``exact``);
@@ -346,6 +355,24 @@ def vector_block_power(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     power = power.view(*lead, mw, nh)  # (g, co, ci, Mw', Mh)
     power = power.sum((1, 2)) if power.shape[1] * power.shape[2] > 1 else power[:, 0, 0]
     return power.transpose(-1, -2)
+
+
+def vector_block_power_at(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
+    """``||K_g^(w_g)||_F^2`` of each group ``g`` at its own frequency ``(fh[g], fw[g])``: ``(g,)``,
+    differentiable. With ``w_g`` the argmax of :func:`vector_block_power` (found without a graph)
+    this is the same maximum, and its gradient is the subgradient of the max -- at the cost of one
+    frequency per channel instead of a backward pass through the whole spectrum. Exact."""
+    nh, nw = grid
+    qh, qw = kernel.shape[-2:]
+    a, b = torch.arange(qh, device=kernel.device), torch.arange(qw, device=kernel.device)
+    # exact integer phases (a u mod N_h) / N_h + (b v mod N_w) / N_w, then one float64 angle
+    ang = ((a[None, :, None] * fh[:, None, None]) % nh * nw + (b[None, None, :] * fw[:, None, None]) % nw * nh)
+    ang = ang.to(torch.float64) * (2 * math.pi / (nh * nw))
+    c, s = torch.cos(ang).to(kernel.dtype), torch.sin(ang).to(kernel.dtype)  # (g, qh, qw)
+    g = kernel.shape[0]
+    k = kernel.reshape(g, -1, qh * qw)
+    re, im = k @ c.reshape(g, -1, 1), k @ s.reshape(g, -1, 1)
+    return (re.square() + im.square()).reshape(g, -1).sum(1)
 
 
 def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -612,40 +612,50 @@ class Certificate(NamedTuple):
     eps: float
 
 
-def certified_accuracy(model: nn.Module, loader: Iterable, eps: float, lipschitz: float | None = None,
-                       input_bound: float | None = None, method: str = "upper") -> Certificate:
-    """Lipschitz-margin certification (Tsuzuku, Sato, Sugiyama, NeurIPS 2018, arXiv 1802.04034,
-    Prop. 1): a prediction is certified at l2 radius ``eps`` when its logit margin exceeds
-    ``sqrt(2) L eps`` -- each logit difference is ``sqrt(2) L``-Lipschitz -- so no input within
-    ``eps`` can change it. ``L`` is :func:`lipschitz_bound` (computed from the first batch's
-    shape unless given). A **certificate**, valid for every input of the loader (and, with
-    ``input_bound``, for inputs within that norm)."""
-    if not eps >= 0:
-        raise ConfigError(f"certified_accuracy: eps must be >= 0, got {eps!r}")
+def certified_radii(model: nn.Module, loader: Iterable, lipschitz: float | None = None,
+                    input_bound: float | None = None, method: str = "upper") -> tuple[Tensor, float]:
+    """Per-sample certified l2 radius of the Lipschitz-margin certificate (Tsuzuku, Sato, Sugiyama,
+    NeurIPS 2018, arXiv 1802.04034, Prop. 1): ``margin / (sqrt(2) L)`` for a correct prediction
+    (each logit difference is ``sqrt(2) L``-Lipschitz, so no input within that radius changes it),
+    ``-inf`` for a wrong one. ``L`` is :func:`lipschitz_bound` (computed from the first batch's shape
+    unless given). Returns ``(radii, L)``: one pass over the loader serves every radius. A
+    **certificate**, valid for every input of the loader (and, with ``input_bound``, for inputs
+    within that norm)."""
     was_training = model.training
     model.eval()
-    correct = certified = total = 0
-    L = lipschitz
+    L, radii = lipschitz, []
     try:
         with torch.no_grad():
             for x, y in loader:
                 if L is None:
                     L = lipschitz_bound(model, tuple(x.shape[1:]), method=method, input_bound=input_bound)
                     model.eval()
-                logits = model(x)
-                top2 = logits.topk(2, dim=1)
-                pred = top2.indices[:, 0]
-                margin = top2.values[:, 0] - top2.values[:, 1]
-                ok = pred == y.to(pred.device)
-                correct += int(ok.sum())
-                certified += int((ok & (margin > math.sqrt(2) * L * eps)).sum())
-                total += int(y.numel())
+                top2 = model(x).topk(2, dim=1)
+                margin = (top2.values[:, 0] - top2.values[:, 1]).double()
+                ok = top2.indices[:, 0] == y.to(top2.indices.device)
+                r = margin / (math.sqrt(2) * L) if L > 0 else torch.where(margin > 0, math.inf, 0.0)
+                radii.append(torch.where(ok, r, -math.inf).cpu())
     finally:
         model.train(was_training)
-    if total == 0:
+    if not radii or sum(r.numel() for r in radii) == 0:
         raise ConfigError("certified_accuracy: the loader yielded no samples")
-    return Certificate(correct / total, certified / total, float(L), float(eps))
+    return torch.cat(radii), float(L)
+
+
+def certified_accuracy(model: nn.Module, loader: Iterable, eps: float, lipschitz: float | None = None,
+                       input_bound: float | None = None, method: str = "upper") -> Certificate:
+    """Lipschitz-margin certification (Tsuzuku, Sato, Sugiyama, NeurIPS 2018, arXiv 1802.04034,
+    Prop. 1): a prediction is certified at l2 radius ``eps`` when its logit margin exceeds
+    ``sqrt(2) L eps`` -- each logit difference is ``sqrt(2) L``-Lipschitz -- so no input within
+    ``eps`` can change it. ``L`` is :func:`lipschitz_bound` (computed from the first batch's
+    shape unless given); :func:`certified_radii` gives every sample's radius in one pass. A
+    **certificate**, valid for every input of the loader (and, with ``input_bound``, for inputs
+    within that norm)."""
+    if not eps >= 0:
+        raise ConfigError(f"certified_accuracy: eps must be >= 0, got {eps!r}")
+    radii, L = certified_radii(model, loader, lipschitz, input_bound, method)
+    return Certificate(float((radii > -math.inf).double().mean()), float((radii > eps).double().mean()), L, float(eps))
 
 
 __all__ = ["ACTIVATION_LIPSCHITZ", "ANALYZE_METHODS", "Certificate", "LayerRecord", "analyze",
-           "certified_accuracy", "layer_inputs", "lipschitz_bound", "pool_lipschitz", "trace"]
+           "certified_accuracy", "certified_radii", "layer_inputs", "lipschitz_bound", "pool_lipschitz", "trace"]
