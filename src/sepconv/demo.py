@@ -44,12 +44,14 @@ class Budget:
     finetune_epochs: int = 1  # after a conversion
     mobilenet_width: float = 0.5
     timing_repeats: int = 7
+    calib_images: int | None = None  # calibration images of the data-driven conversions (None: the train split)
+    curve_ranks: tuple[int, ...] = (2, 4)  # ranks above one on the error-vs-rank curves
     quick: bool = False
 
     @classmethod
     def for_run(cls, quick: bool) -> "Budget":
         return cls(image_size=8, epochs=1, finetune_epochs=1, mobilenet_width=0.25, timing_repeats=2,
-                   quick=True) if quick else cls()
+                   calib_images=256, curve_ranks=(), quick=True) if quick else cls()
 
 
 @dataclass
@@ -89,16 +91,32 @@ class Run:
         return self.history[-1]["test_acc"]
 
 
+def _digest(directory: Path) -> str:
+    """SHA-256 of a saved model directory's files (config and weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def train_cached(cfg: TrainConfig, hooks: Hooks | None = None, progress: bool = False) -> Run:
     """Train ``cfg``; reuse a finished run with the same config, resume an interrupted one.
     ``progress``: the training's per-epoch bars (under the demo's own bar), no summary lines."""
     from .io import load_model
 
     out = Path(cfg.out)
-    saved = out / "train_config.json"
-    same = saved.is_file() and json.loads(saved.read_text()) == cfg.to_dict()
+    saved, stamp = out / "train_config.json", out / "init.sha256"
+    init = _digest(Path(cfg.init)) if cfg.init else ""  # a fine-tune is stale when its start changed
+    same = (saved.is_file() and json.loads(saved.read_text()) == cfg.to_dict()
+            and (stamp.read_text() if stamp.is_file() else "") == init)
     if not same and out.exists():
         shutil.rmtree(out)
+    if init:
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(init)
     if same and (out / "summary.json").is_file():
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         if len(history) == cfg.epochs:
@@ -442,6 +460,8 @@ def section_he(ctx: Context, report: Report) -> None:
     regular = ctx.train("resnet20_regular", model="resnet20")
     shape = input_shape(regular.model, ctx)
     calib = load_dataset(ctx.data, ctx.data_dir, split="train", image_size=b.image_size)
+    if b.calib_images is not None and b.calib_images < len(calib):
+        calib = calib.get_batch(torch.arange(b.calib_images))[0]
     total_epochs = b.epochs + b.finetune_epochs
     scratch = ctx.train("resnet20_dsc_scratch", model="resnet20", conv="dsc", epochs=total_epochs)
     x_time = eval_batches(ctx, limit=64, batch_size=64)[0][0]
@@ -492,11 +512,11 @@ def section_he(ctx: Context, report: Report) -> None:
 
     for to, method in variants:  # rank one is in the table above; higher ranks here
         point(f"{to}/{method}", 1, converted[(to, method)][1])
-        for r in [2, 4] if not b.quick else [2]:
+        for r in b.curve_ranks:
             point(f"{to}/{method}", r, convert(regular.model, to=to, rank=r, method=method, data=calib,
                                                layers=inner)[1])
     point("channel/gsvd", None, converted[("channel", "gsvd")][1])
-    for sp in [speedup / 2, speedup / 4] if not b.quick else []:
+    for sp in [speedup / r for r in b.curve_ranks]:  # channel decomposition at the FLOPs of those ranks
         point("channel/gsvd", None, convert(regular.model, to="channel", speedup=sp, method="gsvd", data=calib,
                                             layers=inner)[1])
     sec.table("error_vs_rank", ["method", "rank", "flops_ratio", "out_error"], curves)

@@ -222,6 +222,10 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     f4 = float(bounds.fantastic_four(w64, spec))
     if f4 < upper:
         upper, how = f4, "fantastic4"
+    if spec.groups > 1:  # block-diagonal: the groups' dense SVDs, never the whole operator's
+        br = _grouped_dense_bracket(w64, spec, ks, upper, how, dense_flops)
+        if br is not None:
+            return br
     rows = weight.shape[0] * math.prod(spec.out_size(ks))
     cols = math.prod(spec.input_shape(weight))
     if rows * cols * min(rows, cols) <= dense_flops:
@@ -229,10 +233,6 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
             s = float(torch.linalg.svdvals(spec.dense_operator(w64))[0])
         margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
         return Bracket(s * (1 - margin), min(upper, s * (1 + margin)), "dense")
-    if spec.groups > 1:
-        br = _grouped_dense_bracket(w64, spec, ks, upper, how, dense_flops)
-        if br is not None:
-            return br
     flops, nbytes = certify.certificate_cost(w64, spec)
     affordable = flops <= certificate_flops and nbytes <= CERTIFICATE_BYTES
     if not lower and not affordable:
