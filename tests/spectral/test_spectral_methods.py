@@ -297,3 +297,17 @@ def test_grouped_bracket_solves_each_small_group_and_prunes_by_certified_bounds(
     br = bracket(w, spec, tol=1e-6)
     assert br.how == "dense"
     assert br.lower <= truth <= br.upper and br.upper - br.lower <= 1e-12 * truth
+
+
+def test_gram_symbol_real_and_complex_routes_agree_with_shift_and_sign():
+    kernel = fourier.circulant_kernel(rand(6, 5, 3, 2, seed=14), (1, 2), (2, 1), 1)
+    grid = (7, 4)
+    fh, fw = fourier.all_frequencies(grid)
+    sp = fourier.spatial_gram(kernel, "in")
+    a = fourier.gram_symbol_from_spatial(sp, grid, fh, fw, sign=-1.0, shift=3.0)  # real GEMMs (HalfGram)
+    b = fourier.gram_symbol_from_spatial(sp.to(torch.complex128), grid, fh, fw, sign=-1.0, shift=3.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    work: list = []
+    half = fourier.HalfGram.of(sp)
+    c = half.blocks(grid, fh[:5], fw[:5], -1.0, 3.0, work)
+    torch.testing.assert_close(c, b[:5], rtol=0, atol=1e-12)

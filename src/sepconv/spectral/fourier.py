@@ -127,39 +127,97 @@ def spatial_gram(kernel: Tensor, side: str) -> Tensor:
     ``T^T T``; ``side="out"``: ``sum_a K_{a + delta} K_a^T`` (``co x co``), that of ``T T^T``.
     Returns ``(g, 2 qh - 1, 2 qw - 1, m, m)`` with offset ``delta`` at index ``delta + q - 1``.
     Its DFT is exactly the Gram block ``K^(w)^H K^(w)`` (resp. ``K^(w) K^(w)^H``). Exact.
+    One GEMM per offset of one half (``G[-delta] = G[delta]^T``), the tap pairs of an offset
+    concatenated along the contracted axis.
     """
     g, co, ci, qh, qw = kernel.shape
     m = ci if side == "in" else co
     out = kernel.new_zeros(g, 2 * qh - 1, 2 * qw - 1, m, m)
-    kp = kernel.permute(0, 3, 4, 1, 2) if side == "in" else kernel.permute(0, 1, 2, 3, 4)
+    # rows (tap, contracted channel), columns m; "out" uses K_a^T, so both sides read A^T B
+    kp = (kernel.permute(0, 3, 4, 1, 2) if side == "in" else kernel.permute(0, 3, 4, 2, 1)).contiguous()
     for dh in range(qh):  # half of the offsets; G[-delta] = G[delta]^T
         for dw in range(-(qw - 1), qw):
             if dh == 0 and dw < 0:
                 continue
             lo_w, hi_w = max(0, -dw), min(qw, qw - dw)
-            if side == "in":  # sum_a K_a^T K_{a+delta}: contract (taps, co); kp is (g, qh, qw, co, ci)
-                A = kp[:, : qh - dh, lo_w:hi_w].reshape(g, -1, ci)
-                B = kp[:, dh:, lo_w + dw: hi_w + dw].reshape(g, -1, ci)
-                blk = A.mT @ B
-            else:  # sum_a K_{a+delta} K_a^T: contract (ci, taps); kp is (g, co, ci, qh, qw)
-                A = kp[..., : qh - dh, lo_w:hi_w].reshape(g, co, -1)
-                B = kp[..., dh:, lo_w + dw: hi_w + dw].reshape(g, co, -1)
-                blk = B @ A.mT
+            A = kp[:, : qh - dh, lo_w:hi_w].reshape(g, -1, m)
+            B = kp[:, dh:, lo_w + dw: hi_w + dw].reshape(g, -1, m)
+            if side == "in":  # sum_a K_a^T K_{a+delta}
+                blk = A.mT @ B if g > 1 else (A[0].T @ B[0])[None]
+            else:  # sum_a K_{a+delta} K_a^T = sum_a (K_{a+delta}^T)^T K_a^T
+                blk = B.mT @ A if g > 1 else (B[0].T @ A[0])[None]
             out[:, dh + qh - 1, dw + qw - 1] = blk
             out[:, qh - 1 - dh, qw - 1 - dw] = blk.mT
     return out
 
 
-def gram_symbol_from_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0) -> Tensor:
-    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` (real, or already cast to complex) at the
-    given frequencies, times ``sign``: ``(F, g, m, m)`` Hermitian blocks (up to rounding; the
-    consumers read one triangle). Exact."""
+@dataclass(frozen=True)
+class HalfGram:
+    """A real spatial Gram kernel with odd extents, split for a real DFT (``G[-delta] = G[delta]^T``):
+    the centre ``G[0]`` ``(g, m, m)`` and, over the offsets ``delta > 0`` (row-major after the
+    centre), ``G[delta] + G[delta]^T`` and ``G[delta]^T - G[delta]`` as ``(H, g m^2)`` matrices, so
+    that ``G(w) = G[0] + sum_delta cos(theta) sym[delta] + i sin(theta) anti[delta]``."""
+
+    centre: Tensor
+    sym: Tensor
+    anti: Tensor
+    shape: tuple[int, int, int, int, int]
+
+    @staticmethod
+    def of(gk: Tensor) -> "HalfGram":
+        g, dh, dw, m, _ = gk.shape
+        flat = gk.reshape(g, dh * dw, m, m)
+        h = dh * dw // 2  # the centre; G[-delta] = G[delta]^T sits at the mirrored flat index
+        pos, neg = flat[:, h + 1:], flat[:, :h].flip(1)  # (g, H, m, m)
+        return HalfGram(flat[:, h], (pos + neg).transpose(0, 1).reshape(h, g * m * m),
+                        (neg - pos).transpose(0, 1).reshape(h, g * m * m), tuple(gk.shape))  # type: ignore[arg-type]
+
+    def blocks(self, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0, shift: float = 0.0,
+               work: list[Tensor] | None = None) -> Tensor:
+        """``shift I + sign G(w)`` at the given frequencies: ``(F, g, m, m)`` complex, by two real GEMMs.
+        ``work`` (a list, initially empty) keeps the buffers for the next call of the same or a
+        smaller size: the result is then a view of them, valid until that call."""
+        g, dh, dw, m, _ = self.shape
+        F = fh.numel()
+        c, s = _phases(fh, fw, grid, torch.arange(dh // 2 + 1, device=self.sym.device),
+                       torch.arange(dw, device=self.sym.device) - (dw - 1) // 2, self.sym.dtype)
+        c, s = sign * c[dw // 2 + 1:].T, sign * s[dw // 2 + 1:].T  # (F, H)
+        centre = self.centre * sign
+        if shift:
+            centre.diagonal(dim1=-2, dim2=-1).add_(shift)
+        if work is None:
+            return torch.complex(torch.addmm(centre.reshape(1, -1), c, self.sym), torch.mm(s, self.anti)).view(F, g, m, m)
+        if not work or work[0].shape[0] < F:
+            work[:] = [self.sym.new_empty(F, self.sym.shape[1]), self.sym.new_empty(F, self.sym.shape[1]),
+                       torch.empty(F, self.sym.shape[1], dtype=self.sym.dtype.to_complex(), device=self.sym.device)]
+        re, im, out = (b[:F] for b in work)
+        torch.addmm(centre.reshape(1, -1), c, self.sym, out=re)
+        torch.mm(s, self.anti, out=im)
+        return torch.complex(re, im, out=out).view(F, g, m, m)
+
+
+def gram_symbol_from_spatial(gk: Tensor | HalfGram, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0,
+                             shift: float = 0.0) -> Tensor:
+    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` at the given frequencies, times ``sign``,
+    plus ``shift`` on the diagonal: ``(F, g, m, m)`` Hermitian blocks ``shift I + sign G(w)``
+    (up to rounding; the consumers read one triangle). Exact.
+
+    A real kernel with odd ``Dh, Dw`` (every :func:`spatial_gram`; or its :class:`HalfGram`)
+    takes two *real* GEMMs over half of the offsets -- a quarter of the flops of one complex
+    GEMM over all offsets (the fallback otherwise).
+    """
+    if isinstance(gk, HalfGram):
+        return gk.blocks(grid, fh, fw, sign, shift)
     g, dh, dw, m, _ = gk.shape
+    if not gk.is_complex() and dh % 2 == 1 and dw % 2 == 1:
+        return HalfGram.of(gk).blocks(grid, fh, fw, sign, shift)
     c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
                    torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
     cplx = torch.complex(sign * c, -sign * s).T  # (F, D)
-    out = cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)  # (g, F, m*m)
-    return out.transpose(0, 1).reshape(fh.numel(), g, m, m)
+    out = (cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)).transpose(0, 1).reshape(fh.numel(), g, m, m)
+    if shift:
+        out.diagonal(dim1=-2, dim2=-1).add_(shift)
+    return out
 
 
 def spatial_scores(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
