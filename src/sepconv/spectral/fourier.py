@@ -343,18 +343,26 @@ def majorant(spec: ConvSpec, kernel_size: Sequence[int]) -> Majorant:
 
 #: Blocks up to this size get a full eigvalsh; larger ones the certify-by-Cholesky path.
 SMALL_BLOCK = 12
-#: Candidate blocks solved exactly before the certification pass (and per round after it).
+#: Candidate blocks estimated (Lanczos) before the certification pass, for 64 x 64 blocks (fewer if larger).
 N_CANDIDATES = 8
+#: Memory budget (bytes) of one chunk of the certification pass: small enough for the DFT's output
+#: to stay in the last-level cache until its Cholesky reads it (and below malloc's mmap threshold).
+CERTIFY_BYTES = 8 * 2**20
+#: Lanczos steps of the rough estimates that pick which failing block to estimate to convergence.
+ROUGH_STEPS = 10
+#: Up to this block size the picked blocks get an exact ``eigvalsh`` (cheaper than Lanczos there).
+EIG_BLOCK = 128
 
 
 @dataclass(frozen=True)
 class BlockMax:
     """Largest Gram eigenvalue (``sigma_max^2``) over the frequency blocks of one circulant problem.
 
-    ``value`` is the largest eigenvalue of the maximising block (LAPACK ``eigvalsh`` in the
-    kernel's precision, backward stable: a lower bound up to rounding); every block is certified
-    ``<= upper`` (a Cholesky factorisation of ``upper I - G(w)`` succeeded, or its eigenvalues
-    were computed). ``freq`` ``(u, v)`` and ``group`` locate the maximising block."""
+    ``value`` is a lower bound of the largest eigenvalue of the maximising block, up to rounding:
+    an eigenvalue (LAPACK ``eigvalsh``, backward stable) or the float64 Rayleigh quotient of a
+    Lanczos Ritz vector (:func:`lanczos_top`); every block is certified ``<= upper`` (a Cholesky
+    factorisation of ``mu I - G(w)`` succeeded for some ``mu <= upper``, or its eigenvalues were
+    computed). ``freq`` ``(u, v)`` and ``group`` locate the maximising block."""
 
     value: float
     upper: float
@@ -431,16 +439,88 @@ def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tenso
     return score, torch.unique_consecutive(idx)[:n]
 
 
+def lanczos(G: Tensor, rtol: float = 1e-9, max_steps: int | None = None, start: Tensor | None = None,
+            seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Top Ritz pairs of a batch of Hermitian (or real symmetric) blocks ``(B, m, m)``: Lanczos
+    with full reorthogonalisation (classical Gram-Schmidt, twice), batched over the blocks with matrix products, in the precision
+    of ``G`` (Golub & Van Loan, *Matrix Computations*, 4th ed., Sec. 10.1), from the rows of
+    ``start`` ``(B, m)`` (default random).
+
+    Runs 16 steps, then rounds of 8, until every top Ritz value has converged to ``rtol`` by the
+    residual estimate ``min(r, r^2 / gap)`` (``r = |beta_k s_k|``, ``gap`` the distance to the
+    second Ritz value), or ``max_steps`` steps (default ``m``, where the Krylov space is the
+    whole space). Returns the top Ritz values ``(B,)`` (float64; *lower estimates* of
+    ``lambda_max`` up to the rounding of ``G``'s precision) and the unit Ritz vectors ``(B, m)``.
+    """
+    B, m, _ = G.shape
+    k_max = max(1, min(m, max_steps or m))
+    if start is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        start = torch.randn(B, m, generator=gen, dtype=torch.float64).to(G.device, G.dtype)
+    Q = G.new_zeros(B, k_max + 1, m)  # Lanczos vectors as rows
+    Q[:, 0] = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+    tiny = torch.finfo(torch.float64).tiny
+    coef: list[Tensor] = []  # per step: alpha_j (the projection on q_j) and beta_j
+    k = 0
+    while True:
+        for j in range(k, min(k_max, k + 8 if k else 16)):
+            basis = Q[:, : j + 1]
+            w = torch.bmm(Q[:, j: j + 1], G)  # rows: q @ G = (G^T q)^T, and G^T = conj(G) has the spectrum of G
+            c = torch.bmm(w, basis.mH)  # full reorthogonalisation against every Lanczos vector, twice
+            w = torch.baddbmm(w, c, basis, alpha=-1)  # ("twice is enough": orthogonal to rounding even
+            w = torch.baddbmm(w, torch.bmm(w, basis.mH), basis, alpha=-1)  # when w is mostly cancelled)
+            b = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+            # (near) breakdown: w is rounding noise orthogonal to the basis, and beta ~ 0 decouples T
+            Q[:, j + 1: j + 2] = w / b.clamp_min(tiny)
+            coef.append(torch.cat([c[:, 0, j: j + 1].real.to(torch.float64), b[:, 0].to(torch.float64)], 1))
+        k = len(coef)
+        ab = torch.stack(coef, 2)  # (B, 2, k): alpha, beta
+        T = torch.diag_embed(ab[:, 0]) + torch.diag_embed(ab[:, 1, :-1], 1) + torch.diag_embed(ab[:, 1, :-1], -1)
+        theta, s = torch.linalg.eigh(T)
+        if k == k_max:
+            break
+        res = (ab[:, 1, -1] * s[:, -1, -1]).abs()
+        gap = (theta[:, -1] - theta[:, -2]).clamp_min(tiny)
+        if bool((torch.minimum(res, res * res / gap) <= rtol * theta[:, -1].abs()).all()):
+            break
+    y = (s[:, :, -1:].mT.to(G.dtype) @ Q[:, :k])[:, 0]
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    # a Ritz vector made of broken-down (zero) directions only: the start vector is as good
+    return theta[:, -1], torch.where(norm > tiny, y / norm.clamp_min(tiny), Q[:, 0])
+
+
+def rayleigh_quotient(G: Tensor, y: Tensor) -> Tensor:
+    """``y^H G^T y / y^H y`` for the rows of ``y`` ``(B, m)`` (the Ritz vectors of :func:`lanczos`,
+    which works with ``G^T = conj(G)``), evaluated in float64: ``<= lambda_max(G)`` up to float64
+    rounding, whatever ``y`` -- a certified *lower* bound of each block's top eigenvalue."""
+    dt = torch.complex128 if G.is_complex() else torch.float64
+    y = y.to(dt)[:, None]
+    return ((y @ G.to(dt)) * y.conj()).sum((-2, -1)).real / (y.abs() ** 2).sum((-2, -1))
+
+
+def lanczos_top(G: Tensor, rtol: float = 1e-9, max_steps: int | None = None, seed: int = 0) -> Tensor:
+    """*Lower estimates* of ``lambda_max`` of a batch of Hermitian blocks ``(B, m, m)``: the float64
+    Rayleigh quotients (:func:`rayleigh_quotient`) of the top Ritz vectors of :func:`lanczos`.
+    Each is ``<= lambda_max`` of its block up to float64 rounding *whatever the convergence* --
+    an estimate from below, never a certificate from above (that is the Cholesky test of
+    :func:`block_max`)."""
+    return rayleigh_quotient(G, lanczos(G, rtol, max_steps, seed=seed)[1])
+
+
 def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMax:
     """``max_w sigma_max(K^(w))^2`` over the unique frequencies of ``grid`` and all groups.
 
     ``kernel`` is a stride-1 grouped kernel (:func:`circulant_kernel`). Exact: vector blocks
     (depthwise) by the closed form :func:`vector_block_power`; blocks up to
     :data:`SMALL_BLOCK` get their eigenvalues; larger ones are never fully decomposed --
-    the blocks of largest Frobenius norm are solved exactly as candidates, and every
-    other block is *certified* below ``value (1 + tol)^2`` by one Cholesky factorisation of
-    ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``); the blocks that fail
-    are solved exactly. The Gram blocks come from :func:`gram_blocks` in memory-bounded chunks.
+    the blocks of largest Frobenius norm (peak candidates) get a Lanczos *lower* estimate
+    (:func:`lanczos_top`), and every block is then *certified* below ``best (1 + tol)^2`` by one
+    Cholesky factorisation of ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``),
+    in cache-sized chunks, the blocks of largest Frobenius norm first. A block that fails gets
+    its own Lanczos estimate (raising ``best``) and is re-tested in float64; only if that fails
+    too is it solved exactly (``eigvalsh``). So ``value <= max <= upper`` whatever the accuracy of
+    the estimates, which only decide how often blocks are re-tested. The Gram blocks come from
+    the spatial Gram kernel by a real DFT (:class:`HalfGram`) or from :func:`gram_blocks`.
     Cost ``~ F m^3 / 3`` instead of the ``~ 20 F m^3`` of a full per-frequency SVD (Sedghi et
     al. 2019). Certified up to the rounding of the Cholesky factorisation in ``kernel.dtype``
     (relative ``O(m u)``; float64 recommended for guarantees).
@@ -457,78 +537,127 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         plan = gram_plan(kernel, F_)
         m = plan.m
         spatial = spatial_gram(kernel, plan.side) if plan.spatial else None
-        if spatial is not None and m > SMALL_BLOCK:  # cast once for every DFT below
-            spatial_c = spatial.to(torch.complex128 if kernel.dtype == torch.float64 else torch.complex64)
-        per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
-        parts = list(chunks(F_, per_freq))
-        cache: list[Tensor] = []
-
-        def blocks(sl: slice) -> Tensor:
-            if len(parts) == 1 and cache:
-                return cache[0]
-            G = gram_blocks(kernel, grid, fh[sl], fw[sl], plan, spatial)
-            if len(parts) == 1:
-                cache.append(G)
-            return G
-
-        def solve(idx: Tensor) -> tuple[float, tuple[tuple[int, int], int]]:
-            """Top eigenvalue among the flat block indices ``idx`` (frequency * g + group)."""
-            fi, gi = idx // g, idx % g
-            G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan, spatial_c if spatial is not None else None)
-            G = G[torch.arange(idx.numel()), gi]
-            lam = torch.linalg.eigvalsh(G)[..., -1]
-            j = int(idx[int(lam.argmax())])
-            return float(lam.max()), ((int(fh[j // g]), int(fw[j // g])), j % g)
-
+        half = HalfGram.of(spatial) if spatial is not None else None
         if m <= SMALL_BLOCK:
+            per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
             best, arg = -1.0, 0
-            for sl in parts:
-                G = blocks(sl)
-                lam = torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
+            for sl in chunks(F_, per_freq):
+                lam = torch.linalg.eigvalsh(gram_blocks(kernel, grid, fh[sl], fw[sl], plan, half))[..., -1]  # (f, g)
                 i = int(lam.argmax())
                 if float(lam.flatten()[i]) > best:
                     best, arg = float(lam.flatten()[i]), sl.start * g + i
             f, grp = (int(fh[arg // g]), int(fw[arg // g])), arg % g
             return BlockMax(best, best * (1 + 16 * m * torch.finfo(kernel.dtype).eps), f, grp)
+        return _certified_block_max(kernel, grid, tol, fh, fw, plan, spatial, half)
 
-        # phase A: candidates -- local maxima of the Frobenius norm over the frequency grid
-        # (distinct peaks of the symbol), largest first, solved exactly
-        n_cand = max(1, min(N_CANDIDATES * 64 // m, fh.numel() * g // 16))
-        if spatial is not None:
-            score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
-        else:
-            score = torch.cat([torch.view_as_real(blocks(sl)).square().sum((-3, -2, -1)).flatten() for sl in parts])
-            cand = score.topk(n_cand).indices
-        best, (f, grp) = solve(cand)
-        # phase B: certify every block below mu by Cholesky of mu I - G; solve the ones that fail
-        mu = best * (1 + tol) ** 2
-        for sl in parts:
-            if spatial is not None:
-                A = gram_symbol_from_spatial(spatial_c, grid, fh[sl], fw[sl], sign=-1.0)
+
+def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Tensor, fw: Tensor, plan: GramPlan,
+                         spatial: Tensor | None, half: HalfGram | None) -> BlockMax:
+    """The Cholesky-certified path of :func:`block_max` (blocks larger than :data:`SMALL_BLOCK`)."""
+    F_, g, m = fh.numel(), kernel.shape[0], plan.m
+    cdt = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
+    rtol = min(tol / 10, 1e-4)  # Lanczos target (the certificate below is what guarantees)
+
+    def gram_at(fi: Tensor, sign: float = 1.0, shift: float = 0.0, work: list[Tensor] | None = None) -> Tensor:
+        """``shift I + sign G(w)`` at unique-frequency indices ``fi``: ``(len(fi), g, m, m)``."""
+        if half is not None:
+            return half.blocks(grid, fh[fi], fw[fi], sign, shift, work)
+        G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan)
+        if sign != 1.0:
+            G.neg_()
+        if shift:
+            G.diagonal(dim1=-2, dim2=-1).add_(shift)
+        return G
+
+    def gram_flat(idx: Tensor) -> Tensor:
+        """Gram blocks ``(len(idx), m, m)`` at flat indices ``frequency * g + group``."""
+        return gram_at(idx // g)[torch.arange(idx.numel(), device=idx.device), idx % g]
+
+    # candidates: local maxima of the Frobenius norm over the frequency grid (distinct peaks of the symbol)
+    n_cand = max(1, min(N_CANDIDATES * 64 // m, F_ * g // 16))
+    if spatial is not None:
+        score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
+    else:
+        per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, kernel.shape[1] * kernel.shape[2])
+        score = torch.cat([torch.view_as_real(gram_at(torch.arange(sl.start, sl.stop, device=fh.device)))
+                           .square().sum((-3, -2, -1)).flatten() for sl in chunks(F_, per_freq)])
+        cand = score.topk(n_cand).indices
+    known: dict[int, float] = {}  # converged estimates (flat index -> lower bound)
+    exact: set[int] = set()  # ... of which exact eigenvalues (the block is certified by them)
+    state = {"best": -1.0, "arg": int(cand[0])}
+
+    def raise_best(idx: Tensor, lam: Tensor) -> None:
+        i = int(lam.argmax())
+        if float(lam[i]) > state["best"]:
+            state["best"], state["arg"] = float(lam[i]), int(idx[i])
+
+    def refine(i: int, G: Tensor, start: Tensor | None) -> None:
+        """The top eigenvalue of the block ``G`` ``(1, m, m)`` (flat index ``i``), raising ``best``:
+        exact (``eigvalsh``, certifying the block) up to :data:`EIG_BLOCK`, where it costs less
+        than Lanczos; else a converged Lanczos estimate (a lower bound)."""
+        if i not in known:
+            if m <= EIG_BLOCK:
+                known[i] = float(torch.linalg.eigvalsh(G)[0, -1])
+                exact.add(i)
             else:
-                A = blocks(sl).neg_()  # the cache is no longer needed
-            A.diagonal(dim1=-2, dim2=-1).add_(mu)
-            A = A.flatten(0, 1)
-            failed = torch.nonzero(torch.linalg.cholesky_ex(A).info > 0).flatten()  # not positive definite
-            while failed.numel():
-                # solve the most promising failing blocks, raise mu, re-test the others
-                n_pick = min(failed.numel(), max(1, N_CANDIDATES * 64 // m))  # eigvalsh costs m^3 per block
-                pick = failed[score[sl.start * g + failed].topk(n_pick).indices]
-                G = -A[pick]
-                G.diagonal(dim1=-2, dim2=-1).add_(mu)
-                lam = torch.linalg.eigvalsh(G)[..., -1]
-                i = int(lam.argmax())
-                if float(lam[i]) > best:
-                    j = int(pick[i])
-                    best, f, grp = float(lam[i]), (int(fh[sl.start + j // g]), int(fw[sl.start + j // g])), j % g
-                    new_mu = best * (1 + tol) ** 2
-                    A.diagonal(dim1=-2, dim2=-1).add_(new_mu - mu)
-                    mu = new_mu
-                failed = failed[~torch.isin(failed, pick)]
-                if failed.numel():
-                    failed = failed[torch.linalg.cholesky_ex(A[failed]).info > 0]
-        rounding = 8 * m * torch.finfo(kernel.dtype).eps
-        return BlockMax(best, max(mu, best) * (1 + rounding), f, grp)
+                known[i] = float(rayleigh_quotient(G, lanczos(G, rtol, start=start)[1]))
+        raise_best(torch.tensor([i]), torch.tensor([known[i]], dtype=torch.float64))
+
+    def most_promising(G: Tensor) -> tuple[int, Tensor | None]:
+        """Position of the block worth a converged estimate -- the top one by a short Lanczos run
+        (:data:`ROUGH_STEPS` steps, also a lower estimate) -- and its Ritz vector, to start from."""
+        if G.shape[0] == 1:
+            return 0, None
+        theta, y = lanczos(G, 0.0, ROUGH_STEPS)
+        i = int(theta.argmax())
+        return i, y[i: i + 1]
+
+    def fails(G: Tensor) -> Tensor:
+        """Which blocks ``G`` fail the certificate at ``best (1 + tol)^2``."""
+        A = -G
+        A.diagonal(dim1=-2, dim2=-1).add_(state["best"] * (1 + tol) ** 2)
+        return torch.linalg.cholesky_ex(A.mT).info > 0
+
+    def settle(idx: Tensor) -> None:
+        """Blocks that failed the certificate at the current ``mu``: in rounds, estimate the most
+        promising one (raising ``best``) and re-test the others at the raised ``mu``. The estimated
+        block is re-tested in float64 if it still fails (the certificate's rounding is then far below
+        ``tol``), and solved exactly (``eigvalsh``) if even that fails."""
+        G = gram_flat(idx)
+        pending = torch.arange(idx.numel(), device=idx.device)
+        while pending.numel():
+            i, start = most_promising(G[pending])
+            pick = int(pending[i])
+            refine(int(idx[pick]), G[pick: pick + 1], start)
+            if int(idx[pick]) in exact:
+                pending = pending[pending != pick]
+            if pending.numel():
+                pending = pending[fails(G[pending])]
+            if bool((pending == pick).any()):
+                G64 = G[pick: pick + 1].to(torch.complex128 if G.is_complex() else torch.float64)
+                if bool(fails(G64)):  # the estimate was not good enough to certify its own block
+                    raise_best(idx[pick: pick + 1], torch.linalg.eigvalsh(G64)[..., -1])
+                pending = pending[pending != pick]
+
+    G = gram_flat(cand)
+    i, start = most_promising(G)
+    refine(int(cand[i]), G[i: i + 1], start)
+    del G
+    # certify every block below mu by Cholesky of mu I - G, in chunks, the largest Frobenius norms first
+    order = score.view(F_, g).amax(1).argsort(descending=True)
+    mu = state["best"] * (1 + tol) ** 2
+    work: list[Tensor] = []
+    for sl in chunks(F_, g * m * m * 2 * torch.empty((), dtype=cdt).element_size(), min(CHUNK_BYTES, CERTIFY_BYTES)):
+        fi = order[sl]
+        A = gram_at(fi, -1.0, mu, work).view(-1, m, m)
+        # A is Hermitian: A^T = conj(A) has the same inertia and is A's memory read column-major (no transposing copy)
+        failed = torch.nonzero(torch.linalg.cholesky_ex(A.mT).info > 0).flatten()
+        if failed.numel():
+            settle(fi[failed // g] * g + failed % g)
+            mu = max(mu, state["best"] * (1 + tol) ** 2)
+    best, j = state["best"], state["arg"]
+    rounding = 8 * m * torch.finfo(kernel.dtype).eps
+    return BlockMax(best, max(mu, best) * (1 + rounding), (int(fh[j // g]), int(fw[j // g])), j % g)
 
 
 def block_value(kernel: Tensor, grid: Sequence[int], freq: tuple[int, int], group: int,
