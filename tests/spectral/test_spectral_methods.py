@@ -301,3 +301,92 @@ def test_grouped_bracket_solves_each_small_group_and_prunes_by_certified_bounds(
     br = bracket(w, spec, tol=1e-6)
     assert br.how == "dense"
     assert br.lower <= truth <= br.upper and br.upper - br.lower <= 1e-12 * truth
+
+
+# ----------------------------------------------------------------------------- block maxima: Lanczos + Cholesky
+
+
+def _hermitian(n, m, seed, top=None, dtype=torch.complex128):
+    """``n`` random PSD Hermitian ``m x m`` blocks; ``top`` forces the two largest eigenvalues."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m, m, generator=gen, dtype=torch.float64)
+    if dtype.is_complex:
+        x = torch.complex(x, torch.randn(n, m, m, generator=gen, dtype=torch.float64))
+    q = torch.linalg.qr(x).Q.to(dtype)
+    lam = torch.rand(n, m, generator=gen, dtype=torch.float64)
+    if top is not None:
+        lam[:, :2] = torch.tensor(top, dtype=torch.float64)
+    G = (q * lam[:, None, :].to(dtype)) @ q.mH
+    return (G + G.mH) / 2  # exactly Hermitian (eigvalsh reads one triangle, a quotient the whole block)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64, torch.complex64])
+@pytest.mark.parametrize("top", [None, (1.5, 1.5), (1.5, 1.5 - 1e-9)], ids=["random", "double", "near-double"])
+def test_lanczos_estimate_is_a_tight_lower_bound_of_the_top_eigenvalue(dtype, top):
+    G = _hermitian(6, 40, seed=11, top=top, dtype=dtype)
+    lam = torch.linalg.eigvalsh(G.to(torch.complex128 if dtype.is_complex else torch.float64))[:, -1]
+    est = fourier.lanczos_top(G, rtol=1e-10)
+    assert (est <= lam * (1 + 1e-12)).all()  # the quotient is evaluated in float64 even for complex64 blocks
+    assert ((lam - est) / lam).max() <= (1e-6 if dtype == torch.complex64 else 1e-8)
+    # a few steps only: far from converged, still below
+    rough = fourier.lanczos_top(G, rtol=0.0, max_steps=3)
+    assert (rough <= lam * (1 + 1e-12)).all() and (rough < lam * (1 - 1e-6)).any()
+
+
+def test_lanczos_handles_zero_and_low_rank_blocks():
+    G = torch.zeros(3, 20, 20, dtype=torch.complex128)
+    v = torch.randn(20, 1, dtype=torch.complex128, generator=torch.Generator().manual_seed(3))
+    G[1] = v @ v.mH  # rank one: the Krylov space is invariant after one step
+    G[2] = torch.eye(20) * 2.0
+    est = fourier.lanczos_top(G)
+    assert torch.isfinite(est).all()
+    torch.testing.assert_close(est, torch.tensor([0.0, float((v.abs() ** 2).sum()), 2.0], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+
+
+def _dense_block_max(kernel, grid):
+    fh, fw = fourier.unique_frequencies(grid)
+    plan = fourier.gram_plan(kernel, fh.numel())
+    return float(torch.linalg.eigvalsh(fourier.gram_blocks(kernel, grid, fh, fw, plan))[..., -1].max())
+
+
+@pytest.mark.parametrize("case", ["random", "equal-maxima", "near-equal-maxima", "degenerate-top"])
+@pytest.mark.parametrize("poor", [False, True], ids=["converged", "poor-estimates"])
+def test_block_max_brackets_the_dense_value_whatever_the_estimates(monkeypatch, case, poor):
+    # m > SMALL_BLOCK takes the certified path; EIG_BLOCK = 0 forces Lanczos on every picked block
+    monkeypatch.setattr(fourier, "EIG_BLOCK", 0)
+    w = rand(20, 18, 3, 3, seed=12)
+    if case != "random":  # only the centre tap: every frequency block is W^T W, the same maximum
+        centre = w[:, :, 1, 1].clone()
+        if case == "degenerate-top":  # two equal top singular values
+            u, s, vh = torch.linalg.svd(centre, full_matrices=False)
+            s[1] = s[0]
+            centre = (u * s) @ vh
+        w = torch.zeros_like(w)
+        w[:, :, 1, 1] = centre
+        if case == "near-equal-maxima":
+            w += 1e-7 * rand(20, 18, 3, 3, seed=13)
+    if poor:  # Lanczos stopped after two steps: estimates far too low, the certificate must catch it
+        real = fourier.lanczos
+        monkeypatch.setattr(fourier, "lanczos", lambda G, rtol=0.0, max_steps=None, start=None, seed=0:
+                            real(G, rtol, 2, start, seed))
+    kernel = fourier.circulant_kernel(w, (1, 1), (1, 1), 1)
+    grid = (6, 5)
+    lam = _dense_block_max(kernel, grid)
+    top = fourier.block_max(kernel, grid, tol=1e-8)
+    assert top.value <= lam * (1 + 1e-12) and top.upper >= lam * (1 - 1e-12)
+    assert top.upper <= top.value * (1 + 1e-8) ** 2 * (1 + 1e-12)
+
+
+def test_gram_symbol_real_and_complex_routes_agree_with_shift_and_sign():
+    kernel = fourier.circulant_kernel(rand(6, 5, 3, 2, seed=14), (1, 2), (2, 1), 1)
+    grid = (7, 4)
+    fh, fw = fourier.all_frequencies(grid)
+    sp = fourier.spatial_gram(kernel, "in")
+    a = fourier.gram_symbol_from_spatial(sp, grid, fh, fw, sign=-1.0, shift=3.0)  # real GEMMs (HalfGram)
+    b = fourier.gram_symbol_from_spatial(sp.to(torch.complex128), grid, fh, fw, sign=-1.0, shift=3.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    work: list = []
+    half = fourier.HalfGram.of(sp)
+    c = half.blocks(grid, fh[:5], fw[:5], -1.0, 3.0, work)
+    torch.testing.assert_close(c, b[:5], rtol=0, atol=1e-12)

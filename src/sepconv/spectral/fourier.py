@@ -129,39 +129,100 @@ def spatial_gram(kernel: Tensor, side: str) -> Tensor:
     ``T^T T``; ``side="out"``: ``sum_a K_{a + delta} K_a^T`` (``co x co``), that of ``T T^T``.
     Returns ``(g, 2 qh - 1, 2 qw - 1, m, m)`` with offset ``delta`` at index ``delta + q - 1``.
     Its DFT is exactly the Gram block ``K^(w)^H K^(w)`` (resp. ``K^(w) K^(w)^H``). Exact.
+    One GEMM per offset of one half (``G[-delta] = G[delta]^T``), the tap pairs of an offset
+    concatenated along the contracted axis.
     """
     g, co, ci, qh, qw = kernel.shape
     m = ci if side == "in" else co
     out = kernel.new_zeros(g, 2 * qh - 1, 2 * qw - 1, m, m)
-    kp = kernel.permute(0, 3, 4, 1, 2) if side == "in" else kernel.permute(0, 1, 2, 3, 4)
+    # rows (tap, contracted channel), columns m; "out" uses K_a^T, so both sides read A^T B
+    kp = (kernel.permute(0, 3, 4, 1, 2) if side == "in" else kernel.permute(0, 3, 4, 2, 1)).contiguous()
     for dh in range(qh):  # half of the offsets; G[-delta] = G[delta]^T
         for dw in range(-(qw - 1), qw):
             if dh == 0 and dw < 0:
                 continue
             lo_w, hi_w = max(0, -dw), min(qw, qw - dw)
-            if side == "in":  # sum_a K_a^T K_{a+delta}: contract (taps, co); kp is (g, qh, qw, co, ci)
-                A = kp[:, : qh - dh, lo_w:hi_w].reshape(g, -1, ci)
-                B = kp[:, dh:, lo_w + dw: hi_w + dw].reshape(g, -1, ci)
-                blk = A.mT @ B
-            else:  # sum_a K_{a+delta} K_a^T: contract (ci, taps); kp is (g, co, ci, qh, qw)
-                A = kp[..., : qh - dh, lo_w:hi_w].reshape(g, co, -1)
-                B = kp[..., dh:, lo_w + dw: hi_w + dw].reshape(g, co, -1)
-                blk = B @ A.mT
+            A = kp[:, : qh - dh, lo_w:hi_w].reshape(g, -1, m)
+            B = kp[:, dh:, lo_w + dw: hi_w + dw].reshape(g, -1, m)
+            if side == "in":  # sum_a K_a^T K_{a+delta}
+                blk = A.mT @ B if g > 1 else (A[0].T @ B[0])[None]
+            else:  # sum_a K_{a+delta} K_a^T = sum_a (K_{a+delta}^T)^T K_a^T
+                blk = B.mT @ A if g > 1 else (B[0].T @ A[0])[None]
             out[:, dh + qh - 1, dw + qw - 1] = blk
             out[:, qh - 1 - dh, qw - 1 - dw] = blk.mT
     return out
 
 
-def gram_symbol_from_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0) -> Tensor:
-    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` (real, or already cast to complex) at the
-    given frequencies, times ``sign``: ``(F, g, m, m)`` Hermitian blocks (up to rounding; the
-    consumers read one triangle). Exact."""
+@dataclass(frozen=True)
+class HalfGram:
+    """A real spatial Gram kernel with odd extents, split for a real DFT (``G[-delta] = G[delta]^T``):
+    the centre ``G[0]`` ``(g, m, m)`` and, over the offsets ``delta > 0`` (row-major after the
+    centre), ``G[delta] + G[delta]^T`` and ``G[delta]^T - G[delta]`` as ``(H, g m^2)`` matrices, so
+    that ``G(w) = G[0] + sum_delta cos(theta) sym[delta] + i sin(theta) anti[delta]``."""
+
+    centre: Tensor
+    sym: Tensor
+    anti: Tensor
+    shape: tuple[int, int, int, int, int]
+
+    @staticmethod
+    def of(gk: Tensor) -> "HalfGram":
+        g, dh, dw, m, _ = gk.shape
+        flat = gk.reshape(g, dh * dw, m, m)
+        h = dh * dw // 2  # the centre; G[-delta] = G[delta]^T sits at the mirrored flat index
+        sym, anti = gk.new_empty(h, g, m, m), gk.new_empty(h, g, m, m)
+        for j in range(h):  # offset h + 1 + j and its mirror h - 1 - j
+            torch.add(flat[:, h + 1 + j], flat[:, h - 1 - j], out=sym[j])
+            torch.sub(flat[:, h - 1 - j], flat[:, h + 1 + j], out=anti[j])
+        return HalfGram(flat[:, h], sym.reshape(h, g * m * m), anti.reshape(h, g * m * m),
+                        tuple(gk.shape))  # type: ignore[arg-type]
+
+    def blocks(self, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0, shift: float = 0.0,
+               work: list[Tensor] | None = None) -> Tensor:
+        """``shift I + sign G(w)`` at the given frequencies: ``(F, g, m, m)`` complex, by two real GEMMs.
+        ``work`` (a list, initially empty) keeps the buffers for the next call of the same or a
+        smaller size: the result is then a view of them, valid until that call."""
+        g, dh, dw, m, _ = self.shape
+        F = fh.numel()
+        c, s = _phases(fh, fw, grid, torch.arange(dh // 2 + 1, device=self.sym.device),
+                       torch.arange(dw, device=self.sym.device) - (dw - 1) // 2, self.sym.dtype)
+        c, s = sign * c[dw // 2 + 1:].T, sign * s[dw // 2 + 1:].T  # (F, H)
+        centre = self.centre * sign
+        if shift:
+            centre.diagonal(dim1=-2, dim2=-1).add_(shift)
+        if work is None:
+            return torch.complex(torch.addmm(centre.reshape(1, -1), c, self.sym), torch.mm(s, self.anti)).view(F, g, m, m)
+        if not work or work[0].shape[0] < F:
+            work[:] = [self.sym.new_empty(F, self.sym.shape[1]), self.sym.new_empty(F, self.sym.shape[1]),
+                       torch.empty(F, self.sym.shape[1], dtype=self.sym.dtype.to_complex(), device=self.sym.device)]
+        re, im, out = (b[:F] for b in work)
+        torch.addmm(centre.reshape(1, -1), c, self.sym, out=re)
+        torch.mm(s, self.anti, out=im)
+        return torch.complex(re, im, out=out).view(F, g, m, m)
+
+
+def gram_symbol_from_spatial(gk: Tensor | HalfGram, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0,
+                             shift: float = 0.0) -> Tensor:
+    """DFT of a spatial Gram kernel ``(g, Dh, Dw, m, m)`` at the given frequencies, times ``sign``,
+    plus ``shift`` on the diagonal: ``(F, g, m, m)`` Hermitian blocks ``shift I + sign G(w)``
+    (up to rounding; the consumers read one triangle). Exact.
+
+    A real kernel with odd ``Dh, Dw`` (every :func:`spatial_gram`; or its :class:`HalfGram`)
+    takes two *real* GEMMs over half of the offsets -- a quarter of the flops of one complex
+    GEMM over all offsets (the fallback otherwise).
+    """
+    if isinstance(gk, HalfGram):
+        return gk.blocks(grid, fh, fw, sign, shift)
     g, dh, dw, m, _ = gk.shape
+    if not gk.is_complex() and dh % 2 == 1 and dw % 2 == 1:
+        return HalfGram.of(gk).blocks(grid, fh, fw, sign, shift)
     c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
                    torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
     cplx = torch.complex(sign * c, -sign * s).T  # (F, D)
-    out = cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)  # (g, F, m*m)
-    return out.transpose(0, 1).reshape(fh.numel(), g, m, m)
+    out = (cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)).transpose(0, 1).reshape(fh.numel(), g, m, m)
+    if shift:
+        out.diagonal(dim1=-2, dim2=-1).add_(shift)
+    return out
 
 
 def spatial_scores(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
@@ -294,18 +355,26 @@ def _majorant(spec: ConvSpec, kernel_size: tuple[int, int]) -> Majorant:
 
 #: Blocks up to this size get a full eigvalsh; larger ones the certify-by-Cholesky path.
 SMALL_BLOCK = 12
-#: Candidate blocks solved exactly before the certification pass (and per round after it).
+#: Candidate blocks estimated (Lanczos) before the certification pass, for 64 x 64 blocks (fewer if larger).
 N_CANDIDATES = 8
+#: Memory budget (bytes) of one chunk of the certification pass: small enough for the DFT's output
+#: to stay in the last-level cache until its Cholesky reads it (and below malloc's mmap threshold).
+CERTIFY_BYTES = 8 * 2**20
+#: Lanczos steps of the rough estimates that pick which failing block to estimate to convergence.
+ROUGH_STEPS = 10
+#: Up to this block size the picked blocks get an exact ``eigvalsh`` (cheaper than Lanczos there).
+EIG_BLOCK = 128
 
 
 @dataclass(frozen=True)
 class BlockMax:
     """Largest Gram eigenvalue (``sigma_max^2``) over the frequency blocks of one circulant problem.
 
-    ``value`` is the largest eigenvalue of the maximising block (LAPACK ``eigvalsh`` in the
-    kernel's precision, backward stable: a lower bound up to rounding); every block is certified
-    ``<= upper`` (a Cholesky factorisation of ``upper I - G(w)`` succeeded, or its eigenvalues
-    were computed). ``freq`` ``(u, v)`` and ``group`` locate the maximising block."""
+    ``value`` is a lower bound of the largest eigenvalue of the maximising block, up to rounding:
+    an eigenvalue (LAPACK ``eigvalsh``, backward stable) or the float64 Rayleigh quotient of a
+    Lanczos Ritz vector (:func:`lanczos_top`); every block is certified ``<= upper`` (a Cholesky
+    factorisation of ``mu I - G(w)`` succeeded for some ``mu <= upper``, or its eigenvalues were
+    computed). ``freq`` ``(u, v)`` and ``group`` locate the maximising block."""
 
     value: float
     upper: float
@@ -400,19 +469,95 @@ def _peak_candidates(spatial: Tensor, grid: Sequence[int], fh: Tensor, fw: Tenso
     return score, torch.unique_consecutive(idx)[:n]
 
 
+def lanczos(G: Tensor, rtol: float = 1e-9, max_steps: int | None = None, start: Tensor | None = None,
+            seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Top Ritz pairs of a batch of Hermitian (or real symmetric) blocks ``(B, m, m)``: Lanczos
+    with full reorthogonalisation (classical Gram-Schmidt, twice), batched over the blocks with matrix products, in the precision
+    of ``G`` (Golub & Van Loan, *Matrix Computations*, 4th ed., Sec. 10.1), from the rows of
+    ``start`` ``(B, m)`` (default random).
+
+    Runs 16 steps, then rounds of 8, until every top Ritz value has converged to ``rtol`` by the
+    residual estimate ``min(r, r^2 / gap)`` (``r = |beta_k s_k|``, ``gap`` the distance to the
+    second Ritz value), or ``max_steps`` steps (default ``m``, where the Krylov space is the
+    whole space). Returns the top Ritz values ``(B,)`` (float64; *lower estimates* of
+    ``lambda_max`` up to the rounding of ``G``'s precision) and the unit Ritz vectors ``(B, m)``.
+    """
+    B, m, _ = G.shape
+    k_max = max(1, min(m, max_steps or m))
+    if start is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        start = torch.randn(B, m, generator=gen, dtype=torch.float64).to(G.device, G.dtype)
+    Q = G.new_zeros(B, k_max + 1, m)  # Lanczos vectors as rows
+    Q[:, 0] = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+    tiny = torch.finfo(torch.float64).tiny
+    coef: list[Tensor] = []  # per step: alpha_j (the projection on q_j) and beta_j
+    k = 0
+    while True:
+        for j in range(k, min(k_max, k + 8 if k else 16)):
+            basis = Q[:, : j + 1]
+            w = torch.bmm(Q[:, j: j + 1], G)  # rows: q @ G = (G^T q)^T, and G^T = conj(G) has the spectrum of G
+            c = torch.bmm(w, basis.mH)  # full reorthogonalisation against every Lanczos vector, twice
+            w = torch.baddbmm(w, c, basis, alpha=-1)  # ("twice is enough": orthogonal to rounding even
+            w = torch.baddbmm(w, torch.bmm(w, basis.mH), basis, alpha=-1)  # when w is mostly cancelled)
+            b = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+            # (near) breakdown: w is rounding noise orthogonal to the basis, and beta ~ 0 decouples T
+            Q[:, j + 1: j + 2] = w / b.clamp_min(tiny)
+            coef.append(torch.cat([c[:, 0, j: j + 1].real.to(torch.float64), b[:, 0].to(torch.float64)], 1))
+        k = len(coef)
+        ab = torch.stack(coef, 2)  # (B, 2, k): alpha, beta
+        T = torch.diag_embed(ab[:, 0]) + torch.diag_embed(ab[:, 1, :-1], 1) + torch.diag_embed(ab[:, 1, :-1], -1)
+        theta, s = torch.linalg.eigh(T)
+        if k == k_max:
+            break
+        res = (ab[:, 1, -1] * s[:, -1, -1]).abs()
+        gap = (theta[:, -1] - theta[:, -2]).clamp_min(tiny)
+        if bool((torch.minimum(res, res * res / gap) <= rtol * theta[:, -1].abs()).all()):
+            break
+    y = (s[:, :, -1:].mT.to(G.dtype) @ Q[:, :k])[:, 0]
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    # a Ritz vector made of broken-down (zero) directions only: the start vector is as good
+    return theta[:, -1], torch.where(norm > tiny, y / norm.clamp_min(tiny), Q[:, 0])
+
+
+def rayleigh_quotient(G: Tensor, y: Tensor) -> Tensor:
+    """``y^H G^T y / y^H y`` for the rows of ``y`` ``(B, m)`` (the Ritz vectors of :func:`lanczos`,
+    which works with ``G^T = conj(G)``), evaluated in float64: ``<= lambda_max(G)`` up to float64
+    rounding, whatever ``y`` -- a certified *lower* bound of each block's top eigenvalue."""
+    dt = torch.complex128 if G.is_complex() else torch.float64
+    y = y.to(dt)[:, None]
+    return ((y @ G.to(dt)) * y.conj()).sum((-2, -1)).real / (y.abs() ** 2).sum((-2, -1))
+
+
+def lanczos_top(G: Tensor, rtol: float = 1e-9, max_steps: int | None = None, seed: int = 0) -> Tensor:
+    """*Lower estimates* of ``lambda_max`` of a batch of Hermitian blocks ``(B, m, m)``: the float64
+    Rayleigh quotients (:func:`rayleigh_quotient`) of the top Ritz vectors of :func:`lanczos`.
+    Each is ``<= lambda_max`` of its block up to float64 rounding *whatever the convergence* --
+    an estimate from below, never a certificate from above (that is the Cholesky test of
+    :func:`block_max`)."""
+    return rayleigh_quotient(G, lanczos(G, rtol, max_steps, seed=seed)[1])
+
+
 def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMax:
     """``max_w sigma_max(K^(w))^2`` over the unique frequencies of ``grid`` and all groups.
 
     ``kernel`` is a stride-1 grouped kernel (:func:`circulant_kernel`). Exact: vector blocks
     (depthwise) by the closed form :func:`vector_block_power`; blocks up to
     :data:`SMALL_BLOCK` get their eigenvalues; larger ones are never fully decomposed --
-    the blocks of largest Frobenius norm are solved exactly as candidates, and every
-    other block is *certified* below ``value (1 + tol)^2`` by one Cholesky factorisation of
-    ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``); the blocks that fail
-    are solved exactly. The Gram blocks come from :func:`gram_blocks` in memory-bounded chunks.
+    the blocks of largest Frobenius norm (peak candidates) get a Lanczos *lower* estimate
+    (:func:`lanczos_top`), and every block is then *certified* below ``best (1 + tol)^2`` by one
+    Cholesky factorisation of ``mu I - G(w)`` (positive definite iff ``lambda_max(G(w)) < mu``),
+    in cache-sized chunks, the blocks of largest Frobenius norm first. A block that fails gets
+    its own Lanczos estimate (raising ``best``) and is re-tested in float64; only if that fails
+    too is it solved exactly (``eigvalsh``). So ``value <= max <= upper`` whatever the accuracy of
+    the estimates, which only decide how often blocks are re-tested. The Gram blocks come from
+    the spatial Gram kernel by a real DFT (:class:`HalfGram`) or from :func:`gram_blocks`.
     Cost ``~ F m^3 / 3`` instead of the ``~ 20 F m^3`` of a full per-frequency SVD (Sedghi et
     al. 2019). Certified up to the rounding of the Cholesky factorisation in ``kernel.dtype``
-    (relative ``O(m u)``; float64 recommended for guarantees).
+    (relative ``O(m u)``; float64 recommended for guarantees). For float64 kernels the blocks are
+    first screened by a float32 Cholesky of ``mu (1 - 16 m eps_32) I - G(w)``: its success
+    certifies ``lambda_max < mu`` under the same rounding model (the margin covers the float32
+    factorisation, ``8 m eps_32``, and the rounding to float32); only the blocks that fail it
+    take the float64 test.
     """
     with torch.no_grad(), lapack_threads():
         if min(kernel.shape[1], kernel.shape[2]) == 1:  # vector blocks (depthwise): |K^(w)|^2 by FFT
@@ -426,78 +571,143 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         plan = gram_plan(kernel, F_)
         m = plan.m
         spatial = spatial_gram(kernel, plan.side) if plan.spatial else None
-        if spatial is not None and m > SMALL_BLOCK:  # cast once for every DFT below
-            spatial_c = spatial.to(torch.complex128 if kernel.dtype == torch.float64 else torch.complex64)
-        per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
-        parts = list(chunks(F_, per_freq))
-        cache: list[Tensor] = []
-
-        def blocks(sl: slice) -> Tensor:
-            if len(parts) == 1 and cache:
-                return cache[0]
-            G = gram_blocks(kernel, grid, fh[sl], fw[sl], plan, spatial)
-            if len(parts) == 1:
-                cache.append(G)
-            return G
-
-        def solve(idx: Tensor) -> tuple[float, tuple[tuple[int, int], int]]:
-            """Top eigenvalue among the flat block indices ``idx`` (frequency * g + group)."""
-            fi, gi = idx // g, idx % g
-            G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan, spatial_c if spatial is not None else None)
-            G = G[torch.arange(idx.numel()), gi]
-            lam = torch.linalg.eigvalsh(G)[..., -1]
-            j = int(idx[int(lam.argmax())])
-            return float(lam.max()), ((int(fh[j // g]), int(fw[j // g])), j % g)
-
+        half = HalfGram.of(spatial) if spatial is not None else None
         if m <= SMALL_BLOCK:
+            per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
             best, arg = -1.0, 0
-            for sl in parts:
-                G = blocks(sl)
-                lam = torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
+            for sl in chunks(F_, per_freq):
+                lam = torch.linalg.eigvalsh(gram_blocks(kernel, grid, fh[sl], fw[sl], plan, half))[..., -1]  # (f, g)
                 i = int(lam.argmax())
                 if float(lam.flatten()[i]) > best:
                     best, arg = float(lam.flatten()[i]), sl.start * g + i
             f, grp = (int(fh[arg // g]), int(fw[arg // g])), arg % g
             return BlockMax(best, best * (1 + 16 * m * torch.finfo(kernel.dtype).eps), f, grp)
+        return _certified_block_max(kernel, grid, tol, fh, fw, plan, spatial, half)
 
-        # phase A: candidates -- local maxima of the Frobenius norm over the frequency grid
-        # (distinct peaks of the symbol), largest first, solved exactly
-        n_cand = max(1, min(N_CANDIDATES * 64 // m, fh.numel() * g // 16))
-        if spatial is not None:
-            score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
+
+def _single(G: Tensor) -> Tensor:
+    """``G`` in single precision: where only a Lanczos *estimate* is taken from it (the float32 Ritz
+    vectors of a float64 block are accurate to ~``eps_32 / gap``, their float64 quotients to its square)."""
+    return G.to(torch.complex64 if G.is_complex() else torch.float32)
+
+
+def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Tensor, fw: Tensor, plan: GramPlan,
+                         spatial: Tensor | None, half: HalfGram | None) -> BlockMax:
+    """The Cholesky-certified path of :func:`block_max` (blocks larger than :data:`SMALL_BLOCK`)."""
+    F_, g, m = fh.numel(), kernel.shape[0], plan.m
+    cdt = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
+    rtol = min(tol / 10, 1e-4)  # Lanczos target (the certificate below is what guarantees)
+
+    def gram_at(fi: Tensor, sign: float = 1.0, shift: float = 0.0, work: list[Tensor] | None = None) -> Tensor:
+        """``shift I + sign G(w)`` at unique-frequency indices ``fi``: ``(len(fi), g, m, m)``."""
+        if half is not None:
+            return half.blocks(grid, fh[fi], fw[fi], sign, shift, work)
+        G = gram_blocks(kernel, grid, fh[fi], fw[fi], plan)
+        if sign != 1.0:
+            G.neg_()
+        if shift:
+            G.diagonal(dim1=-2, dim2=-1).add_(shift)
+        return G
+
+    def gram_flat(idx: Tensor) -> Tensor:
+        """Gram blocks ``(len(idx), m, m)`` at flat indices ``frequency * g + group``."""
+        return gram_at(idx // g)[torch.arange(idx.numel(), device=idx.device), idx % g]
+
+    # candidates: local maxima of the Frobenius norm over the frequency grid (distinct peaks of the symbol)
+    n_cand = max(1, min(N_CANDIDATES, F_ * g // 4))
+    if spatial is not None:
+        score, cand = _peak_candidates(spatial, grid, fh, fw, n_cand)
+    else:
+        per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, kernel.shape[1] * kernel.shape[2])
+        score = torch.cat([torch.view_as_real(gram_at(torch.arange(sl.start, sl.stop, device=fh.device)))
+                           .square().sum((-3, -2, -1)).flatten() for sl in chunks(F_, per_freq)])
+        cand = score.topk(n_cand).indices
+    known: dict[int, float] = {}  # converged estimates (flat index -> lower bound)
+    exact: set[int] = set()  # ... of which exact eigenvalues (the block is certified by them)
+    state = {"best": -1.0, "arg": int(cand[0])}
+
+    def raise_best(idx: Tensor, lam: Tensor) -> None:
+        i = int(lam.argmax())
+        if float(lam[i]) > state["best"]:
+            state["best"], state["arg"] = float(lam[i]), int(idx[i])
+
+    def refine(i: int, G: Tensor, start: Tensor | None) -> None:
+        """The top eigenvalue of the block ``G`` ``(1, m, m)`` (flat index ``i``), raising ``best``:
+        exact (``eigvalsh``, certifying the block) up to :data:`EIG_BLOCK`, where it costs less
+        than Lanczos; else a converged Lanczos estimate (a lower bound)."""
+        if i not in known:
+            if m <= EIG_BLOCK:
+                known[i] = float(torch.linalg.eigvalsh(G)[0, -1])
+                exact.add(i)
+            else:  # iterations in float32 (half the memory traffic), the quotient on G itself
+                known[i] = float(rayleigh_quotient(G, lanczos(_single(G), rtol, start=start)[1]))
+        raise_best(torch.tensor([i]), torch.tensor([known[i]], dtype=torch.float64))
+
+    def most_promising(G: Tensor) -> tuple[int, Tensor | None]:
+        """Position of the block worth a converged estimate -- the top one by a short Lanczos run
+        (:data:`ROUGH_STEPS` steps, also a lower estimate) -- and its Ritz vector, to start from."""
+        if G.shape[0] == 1:
+            return 0, None
+        theta, y = lanczos(_single(G), 0.0, ROUGH_STEPS)
+        i = int(theta.argmax())
+        return i, y[i: i + 1]
+
+    def fails(G: Tensor) -> Tensor:
+        """Which blocks ``G`` fail the certificate at ``best (1 + tol)^2``."""
+        A = -G
+        A.diagonal(dim1=-2, dim2=-1).add_(state["best"] * (1 + tol) ** 2)
+        return torch.linalg.cholesky_ex(A.mT).info > 0
+
+    def settle(idx: Tensor, G: Tensor) -> None:
+        """Blocks ``G`` (flat indices ``idx``) that failed the certificate at the current ``mu``: in
+        rounds, estimate the most promising one (raising ``best``) and re-test the others at the
+        raised ``mu``. The estimated block is re-tested in float64 if it still fails (the
+        certificate's rounding is then far below ``tol``), and solved exactly (``eigvalsh``) if
+        even that fails."""
+        pending = torch.arange(idx.numel(), device=idx.device)
+        while pending.numel():
+            i, start = most_promising(G[pending])
+            pick = int(pending[i])
+            refine(int(idx[pick]), G[pick: pick + 1], start)
+            if int(idx[pick]) in exact:
+                pending = pending[pending != pick]
+            if pending.numel():
+                pending = pending[fails(G[pending])]
+            if bool((pending == pick).any()):
+                G64 = G[pick: pick + 1].to(torch.complex128 if G.is_complex() else torch.float64)
+                if bool(fails(G64)):  # the estimate was not good enough to certify its own block
+                    raise_best(idx[pick: pick + 1], torch.linalg.eigvalsh(G64)[..., -1])
+                pending = pending[pending != pick]
+
+    G = gram_flat(cand)
+    i, start = most_promising(G)
+    refine(int(cand[i]), G[i: i + 1], start)
+    del G
+    # certify every block below mu by Cholesky of mu I - G, in chunks, the largest Frobenius norms first
+    order = score.view(F_, g).amax(1).argsort(descending=True)
+    mu = state["best"] * (1 + tol) ** 2
+    work: list[Tensor] = []
+    screen = 16 * m * torch.finfo(torch.float32).eps if kernel.dtype == torch.float64 else 0.0
+    for sl in chunks(F_, g * m * m * 2 * torch.empty((), dtype=cdt).element_size(), min(CHUNK_BYTES, CERTIFY_BYTES)):
+        fi = order[sl]
+        A = gram_at(fi, -1.0, mu, work).view(-1, m, m)
+        # A is Hermitian: A^T = conj(A) has the same inertia and is A's memory read column-major (no transposing copy)
+        if screen:  # float64: a float32 Cholesky at mu (1 - screen) certifies as well, at half the cost
+            A32 = A.to(torch.complex64)
+            A32.diagonal(dim1=-2, dim2=-1).sub_(screen * mu)
+            failed = torch.nonzero(torch.linalg.cholesky_ex(A32.mT).info > 0).flatten()
+            if failed.numel():  # near mu: the float64 test
+                failed = failed[torch.linalg.cholesky_ex(A[failed].mT).info > 0]
         else:
-            score = torch.cat([torch.view_as_real(blocks(sl)).square().sum((-3, -2, -1)).flatten() for sl in parts])
-            cand = score.topk(n_cand).indices
-        best, (f, grp) = solve(cand)
-        # phase B: certify every block below mu by Cholesky of mu I - G; solve the ones that fail
-        mu = best * (1 + tol) ** 2
-        for sl in parts:
-            if spatial is not None:
-                A = gram_symbol_from_spatial(spatial_c, grid, fh[sl], fw[sl], sign=-1.0)
-            else:
-                A = blocks(sl).neg_()  # the cache is no longer needed
-            A.diagonal(dim1=-2, dim2=-1).add_(mu)
-            A = A.flatten(0, 1)
-            failed = torch.nonzero(torch.linalg.cholesky_ex(A).info > 0).flatten()  # not positive definite
-            while failed.numel():
-                # solve the most promising failing blocks, raise mu, re-test the others
-                n_pick = min(failed.numel(), max(1, N_CANDIDATES * 64 // m))  # eigvalsh costs m^3 per block
-                pick = failed[score[sl.start * g + failed].topk(n_pick).indices]
-                G = -A[pick]
-                G.diagonal(dim1=-2, dim2=-1).add_(mu)
-                lam = torch.linalg.eigvalsh(G)[..., -1]
-                i = int(lam.argmax())
-                if float(lam[i]) > best:
-                    j = int(pick[i])
-                    best, f, grp = float(lam[i]), (int(fh[sl.start + j // g]), int(fw[sl.start + j // g])), j % g
-                    new_mu = best * (1 + tol) ** 2
-                    A.diagonal(dim1=-2, dim2=-1).add_(new_mu - mu)
-                    mu = new_mu
-                failed = failed[~torch.isin(failed, pick)]
-                if failed.numel():
-                    failed = failed[torch.linalg.cholesky_ex(A[failed]).info > 0]
-        rounding = 8 * m * torch.finfo(kernel.dtype).eps
-        return BlockMax(best, max(mu, best) * (1 + rounding), f, grp)
+            failed = torch.nonzero(torch.linalg.cholesky_ex(A.mT).info > 0).flatten()
+        if failed.numel():  # read back from the chunk: G = mu I - A, one rounding of the diagonal
+            G = -A[failed]
+            G.diagonal(dim1=-2, dim2=-1).add_(mu)
+            settle(fi[failed // g] * g + failed % g, G)
+            mu = max(mu, state["best"] * (1 + tol) ** 2)
+    best, j = state["best"], state["arg"]
+    rounding = 8 * m * torch.finfo(kernel.dtype).eps
+    return BlockMax(best, max(mu, best) * (1 + rounding), (int(fh[j // g]), int(fw[j // g])), j % g)
 
 
 def block_value(kernel: Tensor, grid: Sequence[int], freq: tuple[int, int], group: int,
