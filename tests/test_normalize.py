@@ -450,6 +450,24 @@ def test_on_digits_sn_dsc_keeps_accuracy_lowers_the_bound_and_certifies_more(tmp
     assert sn["cert_acc@0.001"] > plain["cert_acc@0.001"] + 0.1, (plain, sn)
 
 
+def test_frozen_state_computes_the_weights_without_advancing_the_persistent_vectors():
+    from sepconv.normalize import frozen_state
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 5, 1))
+    spectral_normalize(model, "dsc", in_size=(4, 8, 8), full_conv="operator")
+    model.train()
+    bufs = lambda: [b.clone() for n, b in model.named_buffers() if n.endswith((".u", ".x"))]  # noqa: E731
+    before = bufs()
+    assert len(before) == 2
+    with frozen_state():
+        w = [model[0].weight, model[1].weight]
+    assert all(torch.equal(a, b) for a, b in zip(before, bufs()))
+    assert all(torch.isfinite(t).all() for t in w)
+    model[0].weight, model[1].weight  # outside: each access takes a power-iteration step
+    assert not any(torch.equal(a, b) for a, b in zip(before, bufs()))
+
+
 def test_logit_scale_is_cross_entropy_of_scaled_logits_over_the_scale():
     from sepconv.train import classification_loss
 

@@ -108,6 +108,20 @@ def test_loss_terms_are_added_and_logged():
     assert len(calls) == res.history[0]["steps"] and rec["loss_l2"] > 0
 
 
+def test_train_images_limits_each_epoch_to_the_first_n_images(tmp_path, capsys):
+    res = train(TrainConfig(**TINY, epochs=1, train_images=70, out=str(tmp_path / "a")), progress=False)
+    assert res.history[0]["steps"] == 2  # 70 images, batch 32
+    from sepconv.cli import main
+
+    try:
+        code = main(["train", "--train-images", "0", "--out", str(tmp_path / "b")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--train-images" in err
+
+
 @pytest.mark.parametrize("schedule,expect", [("constant", [1, 1, 1]), ("step", [1, 0.1, 0.01]),
                                              ("cosine", [1, 0.5, 0])])
 def test_learning_rate_schedules(schedule, expect):

@@ -155,6 +155,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    "fashion_mnist, imagefolder")
     g.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
     g.add_argument("--image-size", type=positive_int, help="resize images to this size (default: the dataset's)")
+    g.add_argument("--train-images", type=positive_int, metavar="N",
+                   help="train on the first N images of the train split only (smoke tests; default: all)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=positive_int, default=d.epochs)
@@ -212,6 +214,7 @@ def _train_config(args) -> "TrainConfig":
     return TrainConfig(
         model=args.model, conv=args.conv, width=args.width, model_kwargs=dict(args.model_arg),
         init=args.init, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
+        train_images=args.train_images,
         augment=args.augment, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,

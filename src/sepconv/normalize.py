@@ -28,6 +28,8 @@ all layers are computed by **one** batched DFT per forward pass of the model
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -50,6 +52,23 @@ FULL_CONV = ("fft", "operator", "fantastic4", "gram")
 #: Power-iteration steps run once when a stateful parametrization is created (as torch's spectral_norm).
 WARMUP_ITERATIONS = 15
 FFT_TOL = 1e-4  # relative tolerance of the fft bound's block maximum (BoundNorm, bound="fft")
+
+_FROZEN = [0]  # depth of frozen_state() contexts
+
+
+@contextlib.contextmanager
+def frozen_state():
+    """Inside this context the stateful parametrizations (:class:`MatrixNorm`, :class:`OperatorNorm`,
+    :class:`ReshapeNorm`) compute their weights as usual but do not advance their persistent
+    vectors: for a loss term that reads the normalized weights a second time in one training step
+    (the Fantastic Four penalty), so that the power iteration still takes ``n_power_iterations``
+    steps per step, as without the term."""
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
+
 
 # --------------------------------------------------------------------------- formulas
 
@@ -263,7 +282,8 @@ class MatrixNorm(_Normalizer):
         """One training step of the power iteration; updates the buffers in place (DDP broadcasts them)."""
         with torch.no_grad():
             u, v, sigma = matrix_power_iteration(mat.detach(), self.u, self.n_power_iterations)
-            self.u.copy_(u)
+            if not _FROZEN[0]:
+                self.u.copy_(u)
         return u, v, sigma
 
     def sigma(self, weight: Tensor) -> Tensor:
@@ -330,7 +350,7 @@ class OperatorNorm(_Normalizer):
     def sigma(self, weight: Tensor) -> Tensor:
         iters = self.n_power_iterations if self.training else 0
         sigma, x = iterative.power_iteration(weight, self.spec, iters=iters, x=self.x)
-        if iters:
+        if iters and not _FROZEN[0]:
             with torch.no_grad():
                 self.x.copy_(x)
         return sigma
@@ -672,5 +692,5 @@ def remove_spectral_normalization(model: nn.Module) -> nn.Module:
 
 __all__ = ["BatchNormLipschitz", "BoundNorm", "DepthwiseFFTNorm", "DepthwiseGroup", "FULL_CONV",
            "LayerSN", "METHODS", "MODES", "MatrixNorm", "OperatorNorm", "ReshapeNorm", "SNSummary",
-           "bn_lipschitz_clip", "matrix_power_iteration", "remove_spectral_normalization", "rescale",
+           "bn_lipschitz_clip", "frozen_state", "matrix_power_iteration", "remove_spectral_normalization", "rescale",
            "spectral_normalize"]

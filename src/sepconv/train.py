@@ -62,6 +62,7 @@ class TrainConfig:
     data: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
+    train_images: int | None = None  # train on the first N images of the train split only (None: all)
     augment: bool = True
     epochs: int = 10
     batch_size: int = 32
@@ -124,6 +125,8 @@ class TrainConfig:
             bad(f"gamma must be in (0, 1], got {self.gamma!r}")
         if not (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0):
             bad(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+        if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
+            bad(f"train_images must be a positive integer, got {self.train_images!r}")
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 1):
             bad(f"image_size must be a positive integer, got {self.image_size!r}")
         if not (self.bsconv_alpha >= 0):
@@ -240,9 +243,11 @@ def _fantastic_four_penalty(beta: float, input_shape: tuple[int, int, int]):
         return model
 
     def term(model: nn.Module) -> Tensor:
+        from .normalize import frozen_state
         from .spectral import fantastic_four
 
-        return beta * sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
+        with frozen_state():  # the forward pass already advanced any spectral normalization's state
+            return beta * sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
     return record, term
 
 
@@ -523,10 +528,11 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
     if hooks is None:
         hooks = default_hooks(cfg, (train_set.in_chans, *train_set.image_size), test_set, device)
     local_batch = cfg.batch_size // d.world
-    per_rank = len(train_set) // d.world
+    n_train = len(train_set) if cfg.train_images is None else min(len(train_set), cfg.train_images)
+    per_rank = n_train // d.world
     steps_per_epoch = per_rank // local_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_set)} training images")
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {n_train} training images")
 
     state = None
     if resume:
@@ -593,7 +599,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
     try:
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
-            order = _epoch_order(len(train_set), cfg.seed, epoch)[d.rank::d.world][:per_rank]
+            order = _epoch_order(n_train, cfg.seed, epoch)[d.rank::d.world][:per_rank]
             run = running or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "steps": 0,
                               **{f"loss_{k}": 0.0 for k in hooks.loss_terms}}
             running = None
