@@ -29,7 +29,6 @@ all layers are computed by **one** batched DFT per forward pass of the model
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -692,5 +691,5 @@ def remove_spectral_normalization(model: nn.Module) -> nn.Module:
 
 __all__ = ["BatchNormLipschitz", "BoundNorm", "DepthwiseFFTNorm", "DepthwiseGroup", "FULL_CONV",
            "LayerSN", "METHODS", "MODES", "MatrixNorm", "OperatorNorm", "ReshapeNorm", "SNSummary",
-           "bn_lipschitz_clip", "frozen_state", "matrix_power_iteration", "remove_spectral_normalization", "rescale",
-           "spectral_normalize"]
+           "bn_lipschitz_clip", "frozen_state", "matrix_power_iteration", "remove_spectral_normalization",
+           "rescale", "spectral_normalize"]
