@@ -78,6 +78,8 @@ def build(method: str, width: float = 1.0, in_size=SHAPE, scale: float = 1.0) ->
                     m.weight.mul_(scale)
     if method == "deel-torchlip":
         _torchlip(model)
+    elif method == "dsc":  # the stem by the certified fft bound, so that every layer is certified
+        spectral_normalize(model, method, in_size=in_size, full_conv="fft")
     elif method != "none":
         spectral_normalize(model, method, in_size=in_size)
     return model.to(memory_format=torch.channels_last)
