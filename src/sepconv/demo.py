@@ -182,13 +182,18 @@ def eval_batches(ctx: "Context", limit: int | None = None, batch_size: int = 500
     return [ds.get_batch(torch.arange(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
 
 
+def _positive(r: Tensor) -> Tensor:
+    """The finite positive radii (certified samples with a finite radius)."""
+    return r[torch.isfinite(r) & (r > 0)]
+
+
 def radius_grid(radii: list[Tensor], max_points: int = 6) -> list[float]:
     """The radii at which the report tabulates certified accuracy: ``0`` and the values ``1`` and
     ``3`` times a power of ten spanning the certified radii of the models' correct predictions
     (10% to 90% quantiles, pooled over the models), at most ``max_points`` of them. The networks'
     certified Lipschitz bounds range over many orders of magnitude (free BatchNorm multiplies
     them), so a fixed grid would show only zeros or only ones."""
-    pooled = torch.cat([r[torch.isfinite(r) & (r > 0)] for r in radii])
+    pooled = torch.cat([_positive(r) for r in radii])
     if pooled.numel() == 0:
         return [0.0]
     lo, hi = (float(v) for v in torch.quantile(pooled, torch.tensor([0.1, 0.9], dtype=pooled.dtype)))
@@ -206,11 +211,11 @@ def median_radius(radii: Tensor) -> float:
 
 def draw_certified(ax, radii: dict[str, Tensor], lips: dict[str, float]) -> None:
     """Certified accuracy against the radius, one step curve per model (from every sample's radius)."""
-    finite = torch.cat([r[torch.isfinite(r) & (r > 0)] for r in radii.values()])
+    finite = torch.cat([_positive(r) for r in radii.values()])
     lo = float(finite.min()) / 2 if finite.numel() else 1e-6
     for k, r in radii.items():
         n = r.numel()
-        xs = torch.sort(r[torch.isfinite(r) & (r > 0)]).values
+        xs = torch.sort(_positive(r)).values
         acc = (torch.arange(xs.numel(), 0, -1, dtype=torch.float64) - 1) / n  # fraction above each radius
         ax.step([lo, *xs.tolist()], [float((r > 0).double().mean()), *acc.tolist()], where="post",
                 label=f"{k} (L <= {lips[k]:.3g})")

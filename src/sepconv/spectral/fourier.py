@@ -191,7 +191,8 @@ class HalfGram:
         if shift:
             centre.diagonal(dim1=-2, dim2=-1).add_(shift)
         if work is None:
-            return torch.complex(torch.addmm(centre.reshape(1, -1), c, self.sym), torch.mm(s, self.anti)).view(F, g, m, m)
+            re = torch.addmm(centre.reshape(1, -1), c, self.sym)
+            return torch.complex(re, torch.mm(s, self.anti)).view(F, g, m, m)
         if not work or work[0].shape[0] < F:
             work[:] = [self.sym.new_empty(F, self.sym.shape[1]), self.sym.new_empty(F, self.sym.shape[1]),
                        torch.empty(F, self.sym.shape[1], dtype=self.sym.dtype.to_complex(), device=self.sym.device)]
@@ -431,16 +432,12 @@ def vector_block_power_at(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: T
     differentiable. With ``w_g`` the argmax of :func:`vector_block_power` (found without a graph)
     this is the same maximum, and its gradient is the subgradient of the max -- at the cost of one
     frequency per channel instead of a backward pass through the whole spectrum. Exact."""
-    nh, nw = grid
     qh, qw = kernel.shape[-2:]
-    a, b = torch.arange(qh, device=kernel.device), torch.arange(qw, device=kernel.device)
-    # exact integer phases (a u mod N_h) / N_h + (b v mod N_w) / N_w, then one float64 angle
-    ang = ((a[None, :, None] * fh[:, None, None]) % nh * nw + (b[None, None, :] * fw[:, None, None]) % nw * nh)
-    ang = ang.to(torch.float64) * (2 * math.pi / (nh * nw))
-    c, s = torch.cos(ang).to(kernel.dtype), torch.sin(ang).to(kernel.dtype)  # (g, qh, qw)
+    c, s = _phases(fh, fw, grid, torch.arange(qh, device=kernel.device), torch.arange(qw, device=kernel.device),
+                   kernel.dtype)  # (taps, g): column g holds group g's own frequency
     g = kernel.shape[0]
     k = kernel.reshape(g, -1, qh * qw)
-    re, im = k @ c.reshape(g, -1, 1), k @ s.reshape(g, -1, 1)
+    re, im = k @ c.T[:, :, None], k @ s.T[:, :, None]
     return (re.square() + im.square()).reshape(g, -1).sum(1)
 
 
