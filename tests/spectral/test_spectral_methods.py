@@ -386,7 +386,51 @@ def test_gram_symbol_real_and_complex_routes_agree_with_shift_and_sign():
     a = fourier.gram_symbol_from_spatial(sp, grid, fh, fw, sign=-1.0, shift=3.0)  # real GEMMs (HalfGram)
     b = fourier.gram_symbol_from_spatial(sp.to(torch.complex128), grid, fh, fw, sign=-1.0, shift=3.0)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    work: list = []
-    half = fourier.HalfGram.of(sp)
-    c = half.blocks(grid, fh[:5], fw[:5], -1.0, 3.0, work)
-    torch.testing.assert_close(c, b[:5], rtol=0, atol=1e-12)
+    for side in ("in", "out"):  # straight from the kernel, packed, reused work buffer, and scores
+        sp = fourier.spatial_gram(kernel, side)
+        b = fourier.gram_symbol_from_spatial(sp.to(torch.complex128), grid, fh, fw, sign=-1.0, shift=3.0)
+        for half in (fourier.HalfGram.of(sp), fourier.HalfGram.of_kernel(kernel, side)):
+            torch.testing.assert_close(half.blocks(grid, fh[:5], fw[:5], -1.0, 3.0), b[:5], rtol=0, atol=1e-12)
+            work: list = []
+            coef = half.coefficients(grid, fh, fw)
+            half.packed_at(coef, -1.0, 3.0, work)
+            packed = half.packed_at(coef[3:9], -1.0, 3.0, work)
+            torch.testing.assert_close(fourier._unpack(packed, b.shape[-1]), b[3:9], rtol=0, atol=1e-12)
+            fro = (fourier.gram_symbol_from_spatial(sp, grid, fh, fw).abs() ** 2).sum((-2, -1))
+            torch.testing.assert_close(half.scores(grid, fh, fw), fro, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 33])
+def test_packed_storage_is_lapack_rfp_and_its_cholesky_tells_definiteness(m):
+    scipy_lapack = pytest.importorskip("scipy.linalg.lapack")
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(m)
+    X = torch.randn(m, m, dtype=torch.complex128, generator=gen)
+    A = X @ X.mH
+    src = fourier._packing(m)[0]
+    ref = scipy_lapack.ztrttf(np.asfortranarray(A.numpy().T), transr="N", uplo="L")[0]
+    assert np.abs(A.flatten()[src].numpy() - ref).max() == 0
+    lam = torch.linalg.eigvalsh(A)[-1].item()
+    for mu, definite in ((lam * (1 + 1e-6), True), (lam * (1 - 1e-6), False)):
+        B = -A
+        B.diagonal().add_(mu)
+        packed = B.flatten()[src][None].clone()
+        full = B[None].clone()
+        assert bool(fourier.indefinite_packed(packed, m)[0]) is not definite
+        assert bool(fourier.indefinite(full)[0]) is not definite
+        assert bool(torch.linalg.cholesky_ex(B).info > 0) is not definite
+
+
+def test_rough_and_converged_estimates_are_lower_bounds_and_converge():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 150, 150, dtype=torch.complex128, generator=gen)
+    G = X @ X.mH
+    lam = torch.linalg.eigvalsh(G)[:, -1]
+    theta, y = fourier.rough_top(G, 10)
+    assert bool((theta <= lam * (1 + 1e-6)).all()) and bool((theta > 0.5 * lam).all())
+    assert bool((fourier.rayleigh_quotient(G, y) <= lam * (1 + 1e-12)).all())
+    for i in range(2):
+        v = fourier.top_vector(G[i: i + 1], 1e-9, y[i: i + 1])
+        q = float(fourier.rayleigh_quotient(G[i: i + 1], v))
+        assert lam[i] * (1 - 1e-8) <= q <= lam[i] * (1 + 1e-12)

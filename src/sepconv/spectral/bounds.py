@@ -74,7 +74,7 @@ def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6) -> Tensor:
     fh, fw = fourier.unique_frequencies(grid, weight.device)
     with torch.no_grad():
         plan = fourier.gram_plan(kernel, fh.numel())
-        spatial = fourier.spatial_gram(kernel.detach(), plan.side) if plan.spatial else None
+        spatial = fourier.HalfGram.of_kernel(kernel.detach(), plan.side) if plan.spatial else None
         g = kernel.shape[0]
         best, arg = -1.0, (0, 0)
         for sl in fourier.chunks(fh.numel(), g * plan.m * plan.m * kernel.element_size() * 8):

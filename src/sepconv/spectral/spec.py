@@ -184,7 +184,7 @@ class ConvSpec:
             raise ConfigError(f"{name}: {c_out} output channels are not divisible by groups={self.groups}")
         if weight.numel() == 0:
             raise ConfigError(f"{name}: empty weight of shape {tuple(weight.shape)}")
-        if not bool(torch.isfinite(weight).all()):
+        if not all(math.isfinite(float(v)) for v in torch.aminmax(weight.detach())):  # NaN propagates
             raise ConfigError(f"{name}: weight holds NaN or Inf values")
         t, b, l, r = self.pads((kh, kw))
         (H, W), (eh, ew) = self.in_size, self.extent((kh, kw))
