@@ -133,6 +133,8 @@ def test_block_max_certifies_large_blocks_without_full_eigendecomposition(monkey
     plan = fourier.gram_plan(kernel, fh.numel())
     lam = torch.linalg.eigvalsh(fourier.gram_blocks(kernel, grid, fh, fw, plan))[..., -1].max()
     monkeypatch.setattr(fourier, "CHUNK_BYTES", 20 * 20 * 16 * 3)
+    monkeypatch.setattr(fourier, "CERTIFY_BYTES", 20 * 20 * 16 * 3)
+    monkeypatch.setattr(fourier, "EIG_WORK", 0)
     top = fourier.block_max(kernel, grid, tol=1e-9)
     assert top.value <= float(lam) * (1 + 1e-12) and top.upper >= float(lam)
     assert abs(top.value - float(lam)) <= 1e-10 * float(lam)
@@ -355,6 +357,7 @@ def _dense_block_max(kernel, grid):
 def test_block_max_brackets_the_dense_value_whatever_the_estimates(monkeypatch, case, poor):
     # m > SMALL_BLOCK takes the certified path; EIG_BLOCK = 0 forces Lanczos on every picked block
     monkeypatch.setattr(fourier, "EIG_BLOCK", 0)
+    monkeypatch.setattr(fourier, "EIG_WORK", 0)
     w = rand(20, 18, 3, 3, seed=12)
     if case != "random":  # only the centre tap: every frequency block is W^T W, the same maximum
         centre = w[:, :, 1, 1].clone()
@@ -366,10 +369,12 @@ def test_block_max_brackets_the_dense_value_whatever_the_estimates(monkeypatch, 
         w[:, :, 1, 1] = centre
         if case == "near-equal-maxima":
             w += 1e-7 * rand(20, 18, 3, 3, seed=13)
-    if poor:  # Lanczos stopped after two steps: estimates far too low, the certificate must catch it
+    if poor:  # every estimate after two Lanczos steps: far too low, the certificate must catch it
         real = fourier.lanczos
         monkeypatch.setattr(fourier, "lanczos", lambda G, rtol=0.0, max_steps=None, start=None, seed=0:
                             real(G, rtol, 2, start, seed))
+        monkeypatch.setattr(fourier, "rough_top", lambda G, steps: real(G, 0.0, 2))
+        monkeypatch.setattr(fourier, "top_vector", lambda G, rtol, start=None: real(G, rtol, 2, start)[1])
     kernel = fourier.circulant_kernel(w, (1, 1), (1, 1), 1)
     grid = (6, 5)
     lam = _dense_block_max(kernel, grid)

@@ -237,7 +237,10 @@ def _offset_products(kernel: Tensor, side: str) -> Iterator[tuple[int, int, Tens
                 B = kp[:, a + dh, lo_w + dw: hi_w + dw].reshape(g, -1, m)
                 if side == "out":
                     A, B = B, A
-                blk = A.mT @ B if blk is None else blk.baddbmm_(A.mT, B)
+                if g == 1:  # 2-D GEMMs thread within the product (batched ones only over the batch)
+                    blk = (A[0].T @ B[0])[None] if blk is None else blk[0].addmm_(A[0].T, B[0])[None]
+                else:
+                    blk = A.mT @ B if blk is None else blk.baddbmm_(A.mT, B)
             yield dh, dw, blk
 
 
@@ -576,6 +579,9 @@ def _majorant(spec: ConvSpec, kernel_size: tuple[int, int]) -> Majorant:
 
 #: Blocks up to this size get a full eigvalsh; larger ones the certify-by-Cholesky path.
 SMALL_BLOCK = 12
+#: ... and so do all blocks when ``F g m^3`` is at most this: a batched ``eigvalsh`` of them all
+#: then costs less than the certification's fixed overhead (~5 ms here; 16x16 blocks at 8x8: 0.5 ms).
+EIG_WORK = 4_000_000
 #: Candidate blocks estimated (Lanczos) before the certification pass, for 64 x 64 blocks (fewer if larger).
 N_CANDIDATES = 8
 #: Least memory (bytes) of one chunk of the certification pass: about the L2 cache, so that the DFT's
@@ -585,7 +591,7 @@ CERTIFY_BYTES = 2**20
 #: Candidates solved exactly (``eigvalsh``, blocks up to :data:`EIG_BLOCK`), the top ones by rough estimate.
 N_REFINED = 4
 #: Lanczos steps of the rough estimates that pick which failing block to estimate to convergence.
-ROUGH_STEPS = 10
+ROUGH_STEPS = 20
 #: Up to this block size the picked blocks get an exact ``eigvalsh`` (cheaper than Lanczos there).
 EIG_BLOCK = 128
 
@@ -797,19 +803,21 @@ def block_max(kernel: Tensor, grid: Sequence[int], tol: float = 1e-6) -> BlockMa
         F_, g = fh.numel(), kernel.shape[0]
         plan = gram_plan(kernel, F_)
         m = plan.m
-        half = HalfGram.of_kernel(kernel, plan.side) if plan.spatial else None
-        if m <= SMALL_BLOCK:
-            per_freq = 2 * kernel.element_size() * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
+        if m <= SMALL_BLOCK or F_ * g * m ** 3 <= EIG_WORK:  # small: every block's eigenvalues, in float64
+            k64 = kernel.to(torch.float64)
+            half = HalfGram.of_kernel(k64, plan.side) if plan.spatial else None
+            per_freq = 2 * 8 * g * 3 * max(m * m, 0 if plan.spatial else kernel.shape[1] * kernel.shape[2])
             best, arg = -1.0, 0
             for sl in chunks(F_, per_freq):
-                G = gram_blocks(kernel, grid, fh[sl], fw[sl], plan, half)
+                G = gram_blocks(k64, grid, fh[sl], fw[sl], plan, half)
                 with lapack_threads():
                     lam = torch.linalg.eigvalsh(G)[..., -1]  # (f, g)
                 i = int(lam.argmax())
                 if float(lam.flatten()[i]) > best:
                     best, arg = float(lam.flatten()[i]), sl.start * g + i
             f, grp = (int(fh[arg // g]), int(fw[arg // g])), arg % g
-            return BlockMax(best, best * (1 + 16 * m * torch.finfo(kernel.dtype).eps), f, grp)
+            return BlockMax(best, best * (1 + 16 * m * torch.finfo(torch.float64).eps), f, grp)
+        half = HalfGram.of_kernel(kernel, plan.side) if plan.spatial else None
         return _certified_block_max(kernel, grid, tol, fh, fw, plan, half)
 
 
