@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from sepconv.models import create_model
 from sepconv.normalize import spectral_normalize
+from sepconv.runtime import tune_allocator
 from sepconv.spectral import ConvSpec, spectral_norm
 from sepconv.spectral.network import layer_inputs
 
@@ -127,10 +128,12 @@ def _normalizer(model: nn.Module) -> Callable[[], None]:
     return run
 
 
-def peak_memory(method: str) -> float:
+def peak_memory(method: str, tuned: bool = False) -> float:
     """Peak resident set (MiB) of this process after building the model and 3 train steps: ``VmHWM``
     of ``/proc/self/status`` (per address space; ``ru_maxrss`` is not usable here: Linux carries it
-    over from the parent across fork and exec)."""
+    over from the parent across fork and exec). ``tuned``: under :func:`sepconv.runtime.tune_allocator`."""
+    if tuned:
+        tune_allocator()
     torch.set_num_threads(THREADS)
     step = _train_step(build(method))
     for _ in range(3):
@@ -142,8 +145,8 @@ def peak_memory(method: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_in_subprocess(method: str) -> float | None:
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--peak", method],
+def _peak_in_subprocess(method: str, tuned: bool) -> float | None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--peak", method] + (["--tuned"] if tuned else []),
                        capture_output=True, text=True, timeout=900)
     try:
         return float(r.stdout.strip().splitlines()[-1])
@@ -151,7 +154,9 @@ def _peak_in_subprocess(method: str) -> float | None:
         return None
 
 
-def _cost(quick: bool) -> str:
+def _cost(quick: bool, tuned: bool = False) -> str:
+    if tuned and not tune_allocator():
+        return "(glibc's mallopt is not available here: no tuned-allocator measurement)"
     repeats = 2 if quick else 9
     models, notes = {}, []
     for m in METHODS:
@@ -161,7 +166,7 @@ def _cost(quick: bool) -> str:
             notes.append(f"{m}: could not be built ({type(e).__name__}: {' '.join(str(e).split())[:140]})")
     step = interleaved({m: _train_step(mod) for m, mod in models.items()}, repeats=repeats)
     norm = interleaved({m: _normalizer(mod) for m, mod in models.items() if m != "none"}, repeats=repeats)
-    peaks = {m: (_peak_in_subprocess(m) if not quick else None) for m in models}
+    peaks = {m: (_peak_in_subprocess(m, tuned) if not quick else None) for m in models}
     op_state = state_bytes(models["operator"]) if "operator" in models else None
     rows = []
     for m, mod in models.items():
@@ -251,11 +256,13 @@ def _digits(quick: bool) -> str:
                         *(f"certified acc @ eps={e:g} (%)" for e in eps)], rows))
 
 
-def _cost_in_subprocess(quick: bool) -> str:
+def _cost_in_subprocess(quick: bool, tuned: bool = False) -> str:
     """The cost table from a fresh process: after other benchmarks the allocator's state (a heap
     fragmented by large blocks, mmap thresholds raised) changes step times by several per cent
-    and not equally for every model."""
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--cost"] + (["--quick"] if quick else []),
+    and not equally for every model. ``tuned``: that process first calls
+    :func:`sepconv.runtime.tune_allocator`, as ``sepconv train`` does."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--cost"] + (["--quick"] if quick else [])
+                       + (["--tuned"] if tuned else []),
                        capture_output=True, text=True, timeout=3600, check=True)
     return r.stdout.split("<!-- cost -->\n", 1)[1].rstrip()
 
@@ -263,17 +270,23 @@ def _cost_in_subprocess(quick: bool) -> str:
 def run(quick: bool = False) -> str:
     torch.set_num_threads(THREADS)
     return "\n\n".join([
-        "### Train-step cost, persistent state, peak memory\n\n" + _cost_in_subprocess(quick),
+        "### Train-step cost, persistent state, peak memory\n\n"
+        "Measured twice, each in a fresh process: with glibc's default malloc, and with the allocator "
+        "settings `sepconv train` applies (`sepconv.runtime.tune_allocator`: freed step buffers stay "
+        "mapped, no page faults re-touching them; the PyTorch CPU guides get the same from jemalloc or "
+        "tcmalloc). Every method is measured under the same allocator in each table.\n\n"
+        "**Default allocator.** " + _cost_in_subprocess(quick)
+        + "\n\n**As `sepconv train` runs (tuned allocator).** " + _cost_in_subprocess(quick, tuned=True),
         "### What each method does to the depthwise layers\n\n" + _tightness(quick),
         "### Digits: accuracy, Lipschitz bound, certified accuracy\n\n" + _digits(quick),
     ])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
-        print(json.dumps(peak_memory(sys.argv[2])))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--peak":
+        print(json.dumps(peak_memory(sys.argv[2], tuned="--tuned" in sys.argv)))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--cost":
         torch.set_num_threads(THREADS)
-        print("<!-- cost -->\n" + _cost("--quick" in sys.argv))
+        print("<!-- cost -->\n" + _cost("--quick" in sys.argv, tuned="--tuned" in sys.argv))
     else:
         print(run(quick="--quick" in sys.argv))

@@ -228,9 +228,11 @@ def _train_config(args) -> "TrainConfig":
 
 
 def _run_train(args) -> int:
+    from .runtime import tune_allocator
     from .train import train
 
     cfg = _train_config(args)
+    tune_allocator()  # freed step buffers stay mapped (see sepconv.runtime)
     res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after, log=True)
     if res.history:
         print(f"best test accuracy {res.best_acc:.4f}; model saved to {res.out / 'model'}")
@@ -259,6 +261,7 @@ def _run_demo(args) -> int:
     from .data import DATASETS
     from .demo import run_demo
     from .errors import DataError
+    from .runtime import tune_allocator
 
     if args.data not in DATASETS:
         raise DataError(f"unknown dataset {args.data!r}; known: {', '.join(DATASETS)}")
@@ -266,6 +269,7 @@ def _run_demo(args) -> int:
         from .report import check_readme
 
         check_readme(args.readme)  # before the long work
+    tune_allocator()  # freed step buffers stay mapped (see sepconv.runtime)
     path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
                     progress=args.progress, readme=args.readme)
     print(f"report written to {path}")

@@ -114,8 +114,8 @@ def rough_top(G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
             w = (Gt @ Q[:, j, :, None])[..., 0]
             alpha[:, j] = (Q[:, j].conj() * w).sum(-1).real
             basis = Q[:, : j + 1]
-            for _ in range(2):  # full reorthogonalisation, twice
-                w -= ((basis.conj() @ w[..., None]).transpose(0, 2, 1) @ basis)[:, 0]
+            w -= ((basis.conj() @ w[..., None]).transpose(0, 2, 1) @ basis)[:, 0]  # full reorthogonalisation
+            # (once: enough for estimates that only rank blocks; :func:`lanczos` does it twice)
             beta[:, j] = np.linalg.norm(w, axis=1)
             Q[:, j + 1] = w / np.maximum(beta[:, j:j + 1], np.finfo(np.float64).tiny)
         T = np.zeros((B, k, k))
@@ -904,6 +904,16 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
         certificate's rounding is then far below ``tol``), and solved exactly (``eigvalsh``) if
         even that fails."""
         pending = torch.arange(idx.numel(), device=idx.device)
+
+        def test64(pick: int) -> None:
+            G64 = G[pick: pick + 1].to(torch.complex128 if G.is_complex() else torch.float64)
+            if bool(fails(G64)):  # the estimate was not good enough to certify its own block
+                with lapack_threads():
+                    raise_best(idx[pick: pick + 1], torch.linalg.eigvalsh(G64)[..., -1])
+
+        for pick in [p for p in pending.tolist() if int(idx[p]) in known]:  # estimated already: a
+            test64(pick)  # failure is the test's rounding (a block at the top), so float64 at once
+            pending = pending[pending != pick]
         while pending.numel():
             i, start = most_promising(G[pending])
             pick = int(pending[i])
@@ -913,10 +923,7 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
             if pending.numel():
                 pending = pending[fails(G[pending])]
             if bool((pending == pick).any()):
-                G64 = G[pick: pick + 1].to(torch.complex128 if G.is_complex() else torch.float64)
-                if bool(fails(G64)):  # the estimate was not good enough to certify its own block
-                    with lapack_threads():
-                        raise_best(idx[pick: pick + 1], torch.linalg.eigvalsh(G64)[..., -1])
+                test64(pick)
                 pending = pending[pending != pick]
 
     G = gram_flat(cand)
@@ -931,7 +938,8 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
     screen = 16 * m * torch.finfo(torch.float32).eps if kernel.dtype == torch.float64 else 0.0
     # chunks of about the size of the DFT's basis (read once per chunk), at least CERTIFY_BYTES
     budget = min(CHUNK_BYTES, max(CERTIFY_BYTES, half.basis.nbytes if half is not None else 0))
-    for sl in chunks(F_, g * m * m * torch.empty((), dtype=cdt).element_size(), budget):
+    block_bytes = g * (m * (m + 1) // 2 if half is not None else m * m) * torch.empty((), dtype=cdt).element_size()
+    for sl in chunks(F_, block_bytes, budget):
         fi = order[sl]
         if half is not None:  # packed blocks, half the memory traffic of full ones
             A = half.packed_at(coef[fi], -1.0, mu, work).view(len(fi) * g, -1)
