@@ -70,7 +70,7 @@ def bench_exact(quick: bool) -> str:
                     spec = ConvSpec((n, n), 1, 1, "circular")
                     t = interleaved({"full": lambda: sedghi_full_svd(w, n), "half": lambda: sedghi_half_svd(w, n),
                                      "numpy": lambda: sedghi_numpy(w, n),
-                                     "ours": lambda: circulant_norm(w, spec)}, repeats=3 if quick else 7)
+                                     "ours": lambda: circulant_norm(w, spec)}, repeats=3 if quick else 9)
                     ref, ours = float(sedghi_full_svd(w, n)), float(circulant_norm(w, spec))
                     rows.append([f"{c}->{c} 3x3 @{n}x{n}", str(dtype).replace("torch.", ""), threads,
                                  f"{t['full'] * 1e3:.1f}", f"{t['numpy'] * 1e3:.1f}", f"{t['half'] * 1e3:.1f}",

@@ -422,8 +422,8 @@ def indefinite_packed(A: Tensor, m: int) -> Tensor:
         return indefinite(_unpack(A, m).contiguous())
     from scipy.linalg import lapack
 
-    pftrf = lapack.get_lapack_funcs("pftrf", dtype=A.numpy().dtype)
     blocks = A.resolve_conj().numpy() if A.is_conj() else A.numpy()
+    pftrf = lapack.get_lapack_funcs("pftrf", dtype=blocks.dtype)
     info = []
     with _scipy_blas().limit(limits=1):
         for b in blocks:
@@ -672,9 +672,10 @@ def vector_block_power_at(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: T
 
 def _peak_candidates(half: HalfGram, grid: Sequence[int], fh: Tensor, fw: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Scores and candidates for :func:`block_max`: the Frobenius norms of all unique blocks
-    (flat index = unique frequency * g + group), and the flat indices of the ``n`` largest local
-    maxima of that norm over the periodic frequency grid -- one candidate per peak of the
-    symbol rather than ``n`` neighbours on the same peak."""
+    (flat index = unique frequency * g + group), and ``n`` candidates -- the largest local maxima
+    of that norm over the periodic frequency grid (one per peak of the symbol rather than
+    neighbours on the same peak), then the largest norms overall (on a flat, random-like
+    symbol the top block is rarely a peak)."""
     g, dev = half.shape[0], half.basis.device
     ah, aw = all_frequencies(grid, dev)
     full = half.scores(grid, ah, aw).T.reshape(g, grid[0], grid[1])
@@ -832,7 +833,7 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
     """The Cholesky-certified path of :func:`block_max` (blocks larger than :data:`SMALL_BLOCK`)."""
     F_, g, m = fh.numel(), kernel.shape[0], plan.m
     cdt = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
-    rtol = min(tol / 10, 1e-4)  # Lanczos target (the certificate below is what guarantees)
+    rtol = min(tol / 10, 1e-4)  # estimates' target (the certificate below is what guarantees)
 
     coef = half.coefficients(grid, fh, fw) if half is not None else None
 
@@ -851,7 +852,7 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
         """Gram blocks ``(len(idx), m, m)`` at flat indices ``frequency * g + group``."""
         return gram_at(idx // g)[torch.arange(idx.numel(), device=idx.device), idx % g]
 
-    # candidates: local maxima of the Frobenius norm over the frequency grid (distinct peaks of the symbol)
+    # candidates: the largest Frobenius norms and the local maxima of that norm over the grid (distinct peaks)
     n_cand = max(1, min(F_ * g // 4, N_CANDIDATES * (4 if m <= EIG_BLOCK else 1)))
     if half is not None:
         score, cand = _peak_candidates(half, grid, fh, fw, n_cand)
@@ -872,7 +873,7 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
     def refine(i: int, G: Tensor, start: Tensor | None) -> None:
         """The top eigenvalue of the block ``G`` ``(1, m, m)`` (flat index ``i``), raising ``best``:
         exact (``eigvalsh``, certifying the block) up to :data:`EIG_BLOCK`, where it costs less
-        than Lanczos; else a converged Lanczos estimate (a lower bound)."""
+        than Lanczos; else the float64 Rayleigh quotient of a converged :func:`top_vector` (a lower bound)."""
         if i not in known:
             if m <= EIG_BLOCK:
                 with lapack_threads():
