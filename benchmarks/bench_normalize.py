@@ -145,11 +145,20 @@ def peak_memory(method: str, tuned: bool = False) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _in_subprocess(*args: str, tuned: bool, timeout: float, check: bool = False) -> str:
+    """stdout of this module run as ``python -m benchmarks.bench_normalize ARGS [--tuned]`` in a fresh
+    process: after other benchmarks the allocator's state (a heap fragmented by large blocks, mmap
+    thresholds raised) changes step times and peaks by several per cent, not equally for every
+    model. ``--tuned``: that process first calls :func:`sepconv.runtime.tune_allocator`, as
+    ``sepconv train`` does."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", *args] + (["--tuned"] if tuned else []),
+                       capture_output=True, text=True, timeout=timeout, check=check)
+    return r.stdout
+
+
 def _peak_in_subprocess(method: str, tuned: bool) -> float | None:
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--peak", method] + (["--tuned"] if tuned else []),
-                       capture_output=True, text=True, timeout=900)
     try:
-        return float(r.stdout.strip().splitlines()[-1])
+        return float(_in_subprocess("--peak", method, tuned=tuned, timeout=900).strip().splitlines()[-1])
     except (ValueError, IndexError):
         return None
 
@@ -257,14 +266,8 @@ def _digits(quick: bool) -> str:
 
 
 def _cost_in_subprocess(quick: bool, tuned: bool = False) -> str:
-    """The cost table from a fresh process: after other benchmarks the allocator's state (a heap
-    fragmented by large blocks, mmap thresholds raised) changes step times by several per cent
-    and not equally for every model. ``tuned``: that process first calls
-    :func:`sepconv.runtime.tune_allocator`, as ``sepconv train`` does."""
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_normalize", "--cost"] + (["--quick"] if quick else [])
-                       + (["--tuned"] if tuned else []),
-                       capture_output=True, text=True, timeout=3600, check=True)
-    return r.stdout.split("<!-- cost -->\n", 1)[1].rstrip()
+    out = _in_subprocess("--cost", *(["--quick"] if quick else []), tuned=tuned, timeout=3600, check=True)
+    return out.split("<!-- cost -->\n", 1)[1].rstrip()
 
 
 def run(quick: bool = False) -> str:

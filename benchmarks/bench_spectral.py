@@ -90,8 +90,8 @@ def bench_exact(quick: bool) -> str:
             "kernels are screened by a float32 Cholesky with a rounding margin). The full SVD is torch's "
             "batched `svdvals` (MKL); `their numpy code` is the same computation as Sedghi et al.'s code "
             "(numpy `fft2` + `svd`, OpenBLAS; timed after the others, as its idle BLAS threads spin and "
-            "slow whatever runs next on 2 cores). Our LAPACK calls go to scipy's OpenBLAS, 1.4-1.9x faster than torch's batched "
-            "Cholesky on these AMD machines, on one thread; GEMMs on torch's threads. Medians of "
+            "slow whatever runs next on 2 cores). Our LAPACK calls go to scipy's OpenBLAS, 1.5-2x faster than torch's batched "
+            "Cholesky on these AMD machines (engine internals section), on one thread; GEMMs on torch's threads. Medians of "
             "interleaved repeats (ms).\n\n"
             + md_table(["layer", "dtype", "threads", "full SVD", "their numpy code", "half SVD", "ours", "speed-up vs full",
                         "vs their code", "vs half", "|ours - full| / full"], rows))

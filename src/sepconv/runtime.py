@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 #: glibc ``mallopt`` parameters (``malloc.h``).
@@ -26,27 +27,19 @@ TRIM_THRESHOLD = 2**31 - 1
 #: Grow the heap in steps of this much, so that growing it is rare.
 TOP_PAD = 256 * 2**20
 
-_done: list[bool] = []
-
-
+@functools.lru_cache(maxsize=None)
 def tune_allocator() -> bool:
     """Make glibc's malloc keep freed memory: every block comes from the heap (no ``mmap`` of its
     own, ``M_MMAP_MAX = 0``), the heap is never trimmed, and it grows by :data:`TOP_PAD` at a
     time. Freed memory then stays resident for the next step -- the process's RSS stays near its
     peak, as with jemalloc or tcmalloc. Idempotent; returns whether the settings are in effect
     (``False`` without glibc, or with ``SEPCONV_TUNE_MALLOC=0``)."""
-    if _done:
-        return _done[0]
-    ok = False
-    if os.environ.get("SEPCONV_TUNE_MALLOC", "1") != "0":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc
-            mallopt = None
-        if mallopt is not None:
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                                                     (_M_TOP_PAD, TOP_PAD)))
-    _done.append(ok)
-    return ok
+    if os.environ.get("SEPCONV_TUNE_MALLOC", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                                               (_M_TOP_PAD, TOP_PAD)))

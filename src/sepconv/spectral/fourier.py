@@ -56,26 +56,30 @@ def lapack_threads(n: int = 1):
 
 @functools.lru_cache(maxsize=None)
 def _scipy_blas():
-    """A controller of the BLAS threads of scipy/numpy, or ``None`` without scipy (CPU paths below)."""
-    try:
-        import scipy.linalg  # noqa: F401  (loads its BLAS, so that the controller sees it)
-        import threadpoolctl
-    except ImportError:  # pragma: no cover - scipy and threadpoolctl come with scikit-learn
-        return None
+    """A controller of the BLAS threads of scipy/numpy (the CPU paths below)."""
+    import scipy.linalg  # noqa: F401  (loads its BLAS, so that the controller sees it)
+    import threadpoolctl
+
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
 def _blas_one_thread():
-    """scipy/numpy's BLAS on one thread for the enclosed block (a no-op without scipy). Entered once
-    around a whole computation: switching OpenBLAS back to more threads between calls wakes its
-    pool, which then spins against torch's threads (2.0x slower steps measured on 2 cores)."""
-    blas = _scipy_blas()
-    return blas.limit(limits=1) if blas is not None else contextlib.nullcontext()
+    """scipy/numpy's BLAS on one thread for the enclosed block. Entered once around a whole
+    computation (nested entries are cheap no-ops): switching OpenBLAS back to more threads between
+    calls wakes its pool, which then spins against torch's threads on a 2-core machine."""
+    return _scipy_blas().limit(limits=1)
 
 
 def _on_scipy(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.complex64,
-                                                  torch.complex128) and _scipy_blas() is not None
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def _lapack_info(blocks, factor) -> Tensor:
+    """``info > 0`` (the factorisation broke down) of ``factor(block)`` for each numpy block, in place,
+    on one BLAS thread: ``(B,)`` bool."""
+    with _blas_one_thread():
+        info = [factor(b)[1] for b in blocks]
+    return torch.tensor(info, dtype=torch.int32).reshape(len(blocks)) > 0
 
 
 def indefinite(A: Tensor) -> Tensor:
@@ -84,9 +88,9 @@ def indefinite(A: Tensor) -> Tensor:
     ``A`` with the factors (on the CPU). Returns a ``(B,)`` bool tensor.
 
     On the CPU each block goes to scipy's ``potrf`` in place, on one BLAS thread: on these
-    machines (AMD EPYC, AVX2) its OpenBLAS factors 64x64 and 256x256 complex blocks 1.4-1.9x
-    faster than torch's batched ``cholesky_ex`` (MKL), which also zeroes the other triangle of
-    every factor. Elsewhere, ``torch.linalg.cholesky_ex``."""
+    machines its OpenBLAS is faster than torch's batched ``cholesky_ex`` (MKL), which also
+    zeroes the other triangle of every factor (BENCHMARKS.md, engine internals). Elsewhere,
+    ``torch.linalg.cholesky_ex``."""
     if not (_on_scipy(A) and A.dim() == 3 and A.is_contiguous()):
         with lapack_threads():
             return torch.linalg.cholesky_ex(A.mT).info > 0
@@ -94,18 +98,15 @@ def indefinite(A: Tensor) -> Tensor:
 
     blocks = A.resolve_conj().numpy() if A.is_conj() else A.numpy()
     potrf = lapack.get_lapack_funcs("potrf", dtype=blocks.dtype)
-    info = []
-    with _scipy_blas().limit(limits=1):
-        for b in blocks:  # b.T is Fortran-ordered: factored in place, no copy
-            info.append(potrf(b.T, lower=1, clean=0, overwrite_a=1)[1])
-    return torch.tensor(info, dtype=torch.int32, device=A.device).reshape(A.shape[0]) > 0
+    # b.T is Fortran-ordered: factored in place, no copy
+    return _lapack_info(blocks, lambda b: potrf(b.T, lower=1, clean=0, overwrite_a=1)).to(A.device)
 
 
 def rough_top(G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """*Rough lower estimates* of the top eigenvalues of Hermitian blocks ``G`` ``(B, m, m)`` and
     their Ritz vectors ``(B, m)`` (eigenvectors of ``G^T``, the convention of :func:`lanczos`):
-    ``steps`` Lanczos steps. On the CPU the same recurrence in numpy, whose batched matrix-vector
-    products cost a fifth of torch's ``bmm`` with one column (the estimates only rank blocks)."""
+    ``steps`` Lanczos steps. On the CPU the same recurrence in numpy, about 2x faster than
+    :func:`lanczos` there (its per-step torch overhead; BENCHMARKS.md, engine internals)."""
     if not _on_scipy(G):
         return lanczos(_single(G), 0.0, steps)
     import numpy as np
@@ -117,7 +118,7 @@ def rough_top(G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     q = np.random.default_rng(0).standard_normal((B, m)).astype(Gt.dtype)
     Q[:, 0] = q / np.linalg.norm(q, axis=1, keepdims=True)
     alpha, beta = np.zeros((B, k)), np.zeros((B, k))
-    with _scipy_blas().limit(limits=1):
+    with _blas_one_thread():
         for j in range(k):
             w = (Gt @ Q[:, j, :, None])[..., 0]
             alpha[:, j] = (Q[:, j].conj() * w).sum(-1).real
@@ -140,15 +141,15 @@ def top_vector(G: Tensor, rtol: float, start: Tensor | None = None) -> Tensor:
     """A unit vector ``(1, m)`` converged to the top eigenvector of ``G^T`` (so that the top
     eigenvalue is within ``rtol``) for one Hermitian block ``G`` ``(1, m, m)``. On the CPU: ARPACK's
     implicitly restarted Lanczos (scipy ``eigsh``; Lehoucq, Sorensen, Yang 1998) in double
-    precision, 2-3x faster than :func:`lanczos`, whose per-step overhead dominates for one block;
-    elsewhere :func:`lanczos` in single precision."""
+    precision, faster than :func:`lanczos`, whose per-step overhead dominates for one block
+    (BENCHMARKS.md, engine internals); elsewhere :func:`lanczos` in single precision."""
     if not (_on_scipy(G) and G.shape[-1] > 2):
         return lanczos(_single(G), rtol, start=start)[1]
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     Gt = G[0].to(torch.complex128 if G.is_complex() else torch.float64).resolve_conj().numpy().T
     v0 = None if start is None else start[0].to(torch.complex128 if G.is_complex() else torch.float64).numpy()
-    with _scipy_blas().limit(limits=1):
+    with _blas_one_thread():
         try:
             _, v = eigsh(Gt, k=1, which="LA", tol=rtol, v0=v0)
         except ArpackNoConvergence:
@@ -276,19 +277,15 @@ def _packing(m: int) -> tuple[Tensor, Tensor, Tensor]:
     *rectangular full packed* storage (LAPACK ``?trttf``, ``transr="N"``, ``uplo="L"`` of the block
     read column-major): ``(src, mirror, diag)`` -- the row-major offset of each packed entry,
     that of its mirror image across the diagonal, and the packed positions of the diagonal.
-    Without scipy, the lower triangle row by row (then only unpacked, never factored packed)."""
-    try:
-        import numpy as np
-        from scipy.linalg import lapack
+    (Gustavson, Wasniewski, Dongarra, Langou, ACM TOMS 37(2), 2010.)"""
+    import numpy as np
+    from scipy.linalg import lapack
 
-        off = np.arange(m * m, dtype=np.float64).reshape(m, m, order="F")  # entry = its offset
-        packed = lapack.ztrttf(np.asfortranarray(off + 1j * off), transr="N", uplo="L")[0]
-        src = torch.from_numpy(packed.real.round().astype(np.int64))
-        # part of the triangle is stored conjugate-transposed: of a Hermitian block, read the mirror image
-        src = torch.where(torch.from_numpy(packed.imag < 0), (src % m) * m + src // m, src)
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        r, c = torch.tril_indices(m, m)
-        src = r * m + c
+    off = np.arange(m * m, dtype=np.float64).reshape(m, m, order="F")  # entry = its offset
+    packed = lapack.ztrttf(np.asfortranarray(off + 1j * off), transr="N", uplo="L")[0]
+    src = torch.from_numpy(packed.real.round().astype(np.int64))
+    # part of the triangle is stored conjugate-transposed: of a Hermitian block, read the mirror image
+    src = torch.where(torch.from_numpy(packed.imag < 0), (src % m) * m + src // m, src)
     mirror = (src % m) * m + src // m
     diag = torch.nonzero(src == mirror).flatten()
     return src, mirror, diag
@@ -298,12 +295,7 @@ def _unpack(packed: Tensor, m: int) -> Tensor:
     """Full Hermitian blocks ``(..., m, m)`` from packed ones ``(..., m (m + 1) / 2)`` (:func:`_packing`)."""
     where, conj = (t.to(packed.device) for t in _unpacking(m))
     lead, flat = packed.shape[:-1], packed.reshape(-1, packed.shape[-1])
-    if flat.device.type == "cpu" and not flat.is_conj():  # numpy's take: 3x torch's complex index_select
-        import numpy as np
-
-        out = torch.from_numpy(np.take(flat.numpy(), where.numpy(), axis=1))
-    else:
-        out = flat.index_select(1, where)
+    out = flat.index_select(1, where).resolve_conj()  # on a 2-D view, where torch gathers fast
     torch.view_as_real(out)[..., 1].mul_(conj)
     return out.view(*lead, m, m)
 
@@ -425,18 +417,15 @@ class HalfGram:
 def indefinite_packed(A: Tensor, m: int) -> Tensor:
     """:func:`indefinite` for packed Hermitian blocks ``(B, L)`` (:func:`_packing`): LAPACK's
     Cholesky in rectangular full packed storage (``?pftrf``; Gustavson et al., ACM TOMS 2010),
-    as fast as ``potrf`` on full blocks here, in place. **Overwrites** ``A`` (on the CPU)."""
+    as fast as ``potrf`` on full blocks here (BENCHMARKS.md, engine internals), in place.
+    **Overwrites** ``A`` (on the CPU)."""
     if not (_on_scipy(A) and A.dim() == 2 and A.is_contiguous() and A.is_complex()):
         return indefinite(_unpack(A, m).contiguous())
     from scipy.linalg import lapack
 
     blocks = A.resolve_conj().numpy() if A.is_conj() else A.numpy()
     pftrf = lapack.get_lapack_funcs("pftrf", dtype=blocks.dtype)
-    info = []
-    with _scipy_blas().limit(limits=1):
-        for b in blocks:
-            info.append(pftrf(m, b, transr="N", uplo="L", overwrite_a=1)[1])
-    return torch.tensor(info, dtype=torch.int32, device=A.device).reshape(A.shape[0]) > 0
+    return _lapack_info(blocks, lambda b: pftrf(m, b, transr="N", uplo="L", overwrite_a=1)).to(A.device)
 
 
 def gram_symbol_from_spatial(gk: Tensor | HalfGram, grid: Sequence[int], fh: Tensor, fw: Tensor, sign: float = 1.0,
@@ -454,23 +443,13 @@ def gram_symbol_from_spatial(gk: Tensor | HalfGram, grid: Sequence[int], fh: Ten
     g, dh, dw, m, _ = gk.shape
     if not gk.is_complex() and dh % 2 == 1 and dw % 2 == 1:
         return HalfGram.of(gk).blocks(grid, fh, fw, sign, shift)
-    out = _dft_spatial(gk, grid, fh, fw)
-    if sign != 1.0:
-        out.mul_(sign)
+    c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
+                   torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
+    cplx = torch.complex(sign * c, -sign * s).T  # (F, D)
+    out = (cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)).transpose(0, 1).reshape(fh.numel(), g, m, m)
     if shift:
         out.diagonal(dim1=-2, dim2=-1).add_(shift)
     return out
-
-
-def _dft_spatial(gk: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor) -> Tensor:
-    """``sum_delta G[delta] e^{-2 pi i <w, delta>/N}`` of a spatial Gram kernel ``(g, Dh, Dw, m, m)``
-    (offset ``delta`` at index ``delta + (D - 1) // 2``) at the given frequencies, by one complex
-    GEMM: ``(F, g, m, m)``."""
-    g, dh, dw, m, _ = gk.shape
-    c, s = _phases(fh, fw, grid, torch.arange(dh, device=gk.device) - (dh - 1) // 2,
-                   torch.arange(dw, device=gk.device) - (dw - 1) // 2, gk.dtype.to_real())
-    cplx = torch.complex(c, -s).T  # (F, D)
-    return (cplx @ gk.reshape(g, dh * dw, m * m).to(cplx.dtype)).transpose(0, 1).reshape(fh.numel(), g, m, m)
 
 
 @dataclass(frozen=True)
@@ -499,7 +478,7 @@ def gram_blocks(kernel: Tensor, grid: Sequence[int], fh: Tensor, fw: Tensor, pla
     (``spatial`` is the precomputed spatial Gram kernel, or its :class:`HalfGram`, when the plan uses it)."""
     if plan.spatial:
         if spatial is None:
-            spatial = HalfGram.of_kernel(kernel, plan.side) if not kernel.is_complex() else spatial_gram(kernel, plan.side)
+            spatial = HalfGram.of_kernel(kernel, plan.side)
         return gram_symbol_from_spatial(spatial, grid, fh, fw)
     k = symbol(kernel, grid, fh, fw)  # (F, g, co, ci)
     return k.mH @ k if plan.side == "in" else k @ k.mH
@@ -838,7 +817,8 @@ def _single(G: Tensor) -> Tensor:
 
 def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Tensor, fw: Tensor, plan: GramPlan,
                          half: HalfGram | None) -> BlockMax:
-    """The Cholesky-certified path of :func:`block_max` (blocks larger than :data:`SMALL_BLOCK`)."""
+    """The Cholesky-certified path of :func:`block_max` (blocks larger than :data:`SMALL_BLOCK`, and
+    more work than :data:`EIG_WORK`)."""
     F_, g, m = fh.numel(), kernel.shape[0], plan.m
     cdt = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
     rtol = min(tol / 10, 1e-4)  # estimates' target (the certificate below is what guarantees)
@@ -948,17 +928,18 @@ def _certified_block_max(kernel: Tensor, grid: Sequence[int], tol: float, fh: Te
     # chunks of about the size of the DFT's basis (read once per chunk), at least CERTIFY_BYTES
     budget = min(CHUNK_BYTES, max(CERTIFY_BYTES, half.basis.nbytes if half is not None else 0))
     block_bytes = g * (m * (m + 1) // 2 if half is not None else m * m) * torch.empty((), dtype=cdt).element_size()
+    test = functools.partial(indefinite_packed, m=m) if half is not None else indefinite
+    diag = _packing(m)[2].to(fh.device) if half is not None else None
     for sl in chunks(F_, block_bytes, budget):
         fi = order[sl]
         if half is not None:  # packed blocks, half the memory traffic of full ones
             A = half.packed_at(coef[fi], -1.0, mu, work).view(len(fi) * g, -1)
         else:
             A = gram_at(fi, -1.0, mu).view(-1, m, m)
-        test = functools.partial(indefinite_packed, m=m) if half is not None else indefinite
         if screen:  # float64: a float32 Cholesky at mu (1 - screen) certifies as well, at half the cost
             A32 = A.to(torch.complex64)
-            if half is not None:
-                A32[:, _packing(m)[2]] -= screen * mu
+            if diag is not None:
+                A32[:, diag] -= screen * mu
             else:
                 A32.diagonal(dim1=-2, dim2=-1).sub_(screen * mu)
             failed = torch.nonzero(test(A32)).flatten()
