@@ -150,6 +150,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument (repeatable)")
     g.add_argument("--init", metavar="DIR", help="start from a saved model directory (fine-tuning)")
+    g.add_argument("--trust-code", action="store_true",
+                   help="let --init DIR's config.json name a factory to import and run "
+                        "(refused by default: a directory is data from elsewhere)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="digits (bundled, default), cifar10, cifar100, mnist, "
                    "fashion_mnist, imagefolder")
@@ -195,6 +198,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument("--force", action="store_true",
+                   help="start afresh in an OUT that holds another run (its checkpoints and model are replaced)")
     g.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="stop this invocation after N epochs (continue later with --resume)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -233,8 +238,9 @@ def _run_train(args) -> int:
 
     cfg = _train_config(args)
     tune_allocator()  # freed step buffers stay mapped (see sepconv.runtime)
-    res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after, log=True)
-    if res.history:
+    res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after, log=True,
+                force=args.force, trust_code=args.trust_code)
+    if res.history and res.is_main:
         print(f"best test accuracy {res.best_acc:.4f}; model saved to {res.out / 'model'}")
     return 0
 
@@ -261,6 +267,7 @@ def _run_demo(args) -> int:
     from .data import DATASETS
     from .demo import run_demo
     from .errors import DataError
+    from .guard import writable_dir
     from .runtime import tune_allocator
 
     if args.data not in DATASETS:
@@ -269,6 +276,7 @@ def _run_demo(args) -> int:
         from .report import check_readme
 
         check_readme(args.readme)  # before the long work
+    writable_dir(args.out, "--out")
     tune_allocator()  # freed step buffers stay mapped (see sepconv.runtime)
     path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
                     progress=args.progress, readme=args.readme)
@@ -298,6 +306,9 @@ def _add_spectrum(sub) -> argparse.ArgumentParser:
     p.add_argument("--layer", metavar="NAME", help="layer whose singular value spectrum is plotted (default: largest norm)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: per-layer norms by method and one layer's spectrum")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a model directory's config.json name a factory to import and run "
+                        "(refused by default: a directory is data from elsewhere)")
     return p
 
 
@@ -377,10 +388,14 @@ def _run_spectrum(args) -> int:
 
     from torch import nn
 
+    from .guard import writable_file
     from .io import model_from_spec
     from .spectral.network import analyze, lipschitz_bound
 
-    model = model_from_spec(args.model, num_classes=args.num_classes, weights=args.weights)
+    if args.plot:
+        writable_file(args.plot, "--plot")  # before the work, not after it
+    model = model_from_spec(args.model, num_classes=args.num_classes, weights=args.weights,
+                            trust_code=args.trust_code)
     shape = _spectrum_input_shape(model, args)
     if args.layer is not None and not isinstance(dict(model.named_modules()).get(args.layer), nn.Conv2d):
         raise ConfigError(f"--layer {args.layer!r}: no such Conv2d in the model")
@@ -487,20 +502,24 @@ def _add_convert(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/convert-TO); the model goes to OUT/model")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a model directory's config.json name a factory to import and run "
+                        "(refused by default: a directory is data from elsewhere)")
     return p
 
 
 def _run_convert(args) -> int:
     import json
-    from pathlib import Path
 
     from torch import nn
 
     from .decompose import convert
+    from .guard import writable_dir
     from .io import atomic_write_text, model_from_spec, save_model
 
     if args.method == "gsvd" and not args.data:
         raise ConfigError("--method gsvd fits on calibration images: give --data NAME (or use --method svd)")
+    out = writable_dir(args.out or f"runs/convert-{args.to}", "--out")  # before the work, not after it
     data = None
     kw = {}
     if args.data:
@@ -510,7 +529,7 @@ def _run_convert(args) -> int:
         kw = dict(in_chans=data.in_chans, num_classes=args.num_classes or data.num_classes)
     elif args.num_classes:
         kw = dict(num_classes=args.num_classes)
-    model = model_from_spec(args.model, weights=args.weights, **kw)
+    model = model_from_spec(args.model, weights=args.weights, trust_code=args.trust_code, **kw)
     input_size = None
     if data is None and args.input_size:
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -521,7 +540,6 @@ def _run_convert(args) -> int:
                        method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
                        num_samples=args.samples, max_patches=args.max_patches, p=args.p,
                        progress=args.progress and not args.json)
-    out = Path(args.out or f"runs/convert-{args.to}")
     doc = {"model": args.model, "data": args.data, **rep.to_dict()}
     save_model(new, out / "model")
     atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
@@ -560,15 +578,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except SepconvError as e:
-        print(f"sepconv {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+
+    def fail(message: str) -> int:
+        print(f"sepconv {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+    try:
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except SepconvError as e:
+        return fail(str(e))
+    except BrokenPipeError:  # `sepconv models | head`: the reader left; say so once, quietly
+        _silence_stdout()
+        return fail("standard output was closed before all output was written (broken pipe)")
+    except OSError as e:  # the environment (a full disk, a read-only file) beyond the checked outputs
+        from .guard import os_reason
+
+        return fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{os_reason(e)}")
+    except MemoryError:
+        return fail("out of memory (lower the sizes, or set SEPCONV_MEMORY_LIMIT to have sepconv refuse "
+                    "such work up front)")
     except KeyboardInterrupt as e:
         where = f" ({e})" if str(e) else ""
         print(f"sepconv {args.command}: interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush cannot raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by a non-file (tests)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

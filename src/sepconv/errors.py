@@ -49,6 +49,17 @@ class CheckpointError(SepconvError, ValueError):
     """A training checkpoint is missing, malformed or does not match the run."""
 
 
+class ResourceError(SepconvError, MemoryError):
+    """The work would need more memory than the budget (:func:`sepconv.guard.memory_budget`)."""
+
+
+class OutputError(SepconvError, OSError):
+    """An output cannot be written: a read-only or missing directory, a file in the way, a full disk."""
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
 __all__ = [
     "SepconvError",
     "ConfigError",
@@ -59,4 +70,6 @@ __all__ = [
     "UnsupportedLayerError",
     "WeightsError",
     "CheckpointError",
+    "ResourceError",
+    "OutputError",
 ]

@@ -21,13 +21,15 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import ModelError, WeightsError
+from .errors import ModelError, OutputError, SepconvError, WeightsError
+from .guard import os_reason, writable_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,25 +38,58 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------- atomic files
 
 
+#: Name pattern of the temporary files :func:`atomic_path` writes (``.NAME.RANDOM.tmp``).
+TMP_PATTERN = ".*.*.tmp"
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # the only portable way to read the umask is to set it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched. The new
+    file gets the permissions of a file created with ``open()`` (0666 less the umask), not
+    ``mkstemp``'s 0600. An ``OSError`` (a full disk, a read-only directory, a directory in the
+    way) becomes :class:`~sepconv.errors.OutputError` naming ``path`` and the reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:  # flush to disk before the rename
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, SepconvError):
+            raise OutputError(f"{path}: cannot write ({os_reason(e)})") from None
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files an interrupted :func:`atomic_path` left in ``directory``
+    (``.NAME.RANDOM.tmp``); call it only where no other process is writing (e.g. under a run's
+    lock). Returns the removed paths."""
+    gone = []
+    for p in Path(directory).glob(TMP_PATTERN):
+        if p.is_file() and p.name.startswith(".") and len(p.name.split(".")) >= 4:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                gone.append(p)
+    return gone
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -63,9 +98,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_path` (for checkpoints of plain tensors/dicts)."""
+    """``torch.save`` through :func:`atomic_path` (for checkpoints of plain tensors/dicts).
+
+    torch reports a failed write (a full disk) as ``RuntimeError: unexpected pos``; writing
+    through a Python file keeps the ``OSError`` behind it, which is what gets reported."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 # --------------------------------------------------------------------------- weights files
@@ -81,9 +125,8 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
+    head = _read_head(path, "weights file")
+    if _is_safetensors(head, path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -92,6 +135,9 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
         return sd
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise WeightsError(f"{path}: not a weights file: neither safetensors nor a torch.save file "
+                           f"(it starts with {head[:12]!r})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -108,6 +154,27 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a mapping of parameter names to tensors")
     return obj
+
+
+def _read_head(path: Path, what: str, n: int = 16) -> bytes:
+    """The first ``n`` bytes of ``path``; a missing, unreadable or non-regular file is a
+    :class:`WeightsError` that says which of these it is."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the {what} ({os_reason(e)})") from None
+
+
+def _is_safetensors(head: bytes, path: Path) -> bool:
+    """A safetensors file starts with the little-endian length of its JSON header, then ``{``."""
+    if path.suffix == ".safetensors":
+        return True
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20
 
 
 def _one_line(e: BaseException) -> str:
@@ -144,13 +211,18 @@ def record_recipe(model: nn.Module, op: str, **args) -> None:
     cfg.setdefault("recipe", []).append({"op": op, **json.loads(json.dumps(args))})
 
 
-def _replay(model: nn.Module, step: dict) -> nn.Module:
+def _replay(model: nn.Module, step: dict, where: str = "config.json") -> nn.Module:
     op = step.get("op")
     if op not in _RECIPES and op in _RECIPE_PROVIDERS:
         importlib.import_module(_RECIPE_PROVIDERS[op])
     if op not in _RECIPES:
-        raise WeightsError(f"config.json: unknown recipe step {op!r}")
-    return _RECIPES[op](model, step)
+        raise WeightsError(f"{where}: unknown op {op!r} (known: {', '.join(sorted(_RECIPE_PROVIDERS))})")
+    try:
+        return _RECIPES[op](model, step)
+    except SepconvError as e:
+        raise WeightsError(f"{where} ({op}): {_one_line(e)}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise WeightsError(f"{where} ({op}): malformed step ({type(e).__name__}: {_one_line(e)})") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -163,6 +235,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, config: dict | No
     built), or ``config`` must say how to rebuild it: ``{"factory": "pkg.mod:fn",
     "kwargs": {...}}``. Returns the directory.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as _st_save
 
     import sepconv
@@ -173,55 +246,127 @@ def save_model(model: nn.Module, directory: str | os.PathLike, config: dict | No
             "save_model: the model does not say how to rebuild it; build it with "
             "sepconv.models.create_model or pass config={'factory': 'pkg.mod:fn', 'kwargs': {...}}"
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = writable_dir(directory, "model directory")
     full = {"format": FORMAT_VERSION, "sepconv_version": sepconv.__version__, **cfg}
     full.setdefault("recipe", [])
     text = json.dumps(full, indent=2, sort_keys=False)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        _st_save(model, str(tmp))
+        try:
+            _st_save(model, str(tmp))
+        except SafetensorError as e:  # an I/O error (full disk) inside the Rust writer
+            raise OutputError(f"{directory / WEIGHTS_NAME}: cannot write ({_one_line(e)})") from None
     atomic_write_text(directory / CONFIG_NAME, text + "\n")
     return directory
 
 
-def build_from_config(cfg: dict, trust_code: bool = False) -> nn.Module:
-    """Rebuild a model's structure (random weights) from a ``config.json`` dictionary."""
+def _config_error(where: str, what: str) -> WeightsError:
+    return WeightsError(f"{where}: {what}")
+
+
+def check_config(cfg: Any, where: str = CONFIG_NAME) -> dict:
+    """Validate the structure of a ``config.json`` document before anything is built from it:
+    an object with a string ``name`` (a registry model) or ``factory``, ``kwargs`` an object of
+    JSON values, ``recipe`` a list of objects each with a string ``op``. Values are checked by
+    the code that uses them (:func:`~sepconv.models.create_model`, each recipe step)."""
+    if not isinstance(cfg, dict):
+        raise _config_error(where, f"expected a JSON object, got {type(cfg).__name__}")
+    if "name" in cfg:
+        if not isinstance(cfg["name"], str):
+            raise _config_error(where, f"'name' must be a registry model name (a string), got {cfg['name']!r:.80}")
+    elif "factory" in cfg:
+        if not isinstance(cfg["factory"], str):
+            raise _config_error(where, f"'factory' must be a string 'package.module:callable', got {cfg['factory']!r:.80}")
+    else:
+        raise _config_error(where, "has neither a model 'name' nor a 'factory'")
+    kwargs = cfg.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise _config_error(where, f"'kwargs' must be an object of constructor arguments, got {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not (isinstance(k, str) and k.isidentifier())]
+    if bad:
+        raise _config_error(where, f"'kwargs' has a key that is not an argument name: {bad[0]!r:.80}")
+    recipe = cfg.get("recipe", [])
+    if not isinstance(recipe, list):
+        raise _config_error(where, f"'recipe' must be a list of steps, got {type(recipe).__name__}")
+    for i, step in enumerate(recipe):
+        if not isinstance(step, dict) or not isinstance(step.get("op"), str):
+            raise _config_error(where, f"recipe step {i} must be an object with a string 'op', got {step!r:.80}")
+    return cfg
+
+
+def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_NAME) -> nn.Module:
+    """Rebuild a model's structure (random weights) from a ``config.json`` dictionary.
+
+    A config may name a registry model (``"name"``) and replay the recipe steps sepconv
+    registered (:func:`register_recipe`); nothing else runs. A ``"factory"``
+    (``"package.module:callable"``) imports and calls code named by the file, so it is refused
+    unless ``trust_code=True`` -- a model directory is data from elsewhere. Bad structure or
+    values are a :class:`~sepconv.errors.SepconvError` naming ``where``.
+    """
     from .models import create_model
 
+    check_config(cfg, where)
+    kwargs = cfg.get("kwargs", {})
     if "name" in cfg:
-        model = create_model(cfg["name"], **cfg.get("kwargs", {}))
-    elif "factory" in cfg:
+        try:
+            model = create_model(cfg["name"], **kwargs)
+        except SepconvError as e:
+            raise _config_error(where, _one_line(e)) from None
+    else:
         if not trust_code:
             raise WeightsError(
-                f"config.json names the factory {cfg['factory']!r}; importing it runs its code: "
-                "pass trust_code=True if you trust it"
-            )
-        model = import_factory(cfg["factory"])(**cfg.get("kwargs", {}))
-        model.sepconv_config = {"factory": cfg["factory"], "kwargs": cfg.get("kwargs", {}), "recipe": []}
-    else:
-        raise WeightsError("config.json has neither a model 'name' nor a 'factory'")
-    for step in cfg.get("recipe", []):
-        model = _replay(model, step)
+                f"{where}: refused to import the factory {cfg['factory']!r}: it would run code named by the "
+                "file (a model directory may name registry models only); pass --trust-code "
+                "(trust_code=True) if you trust where it came from")
+        model = import_factory(cfg["factory"])(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise _config_error(where, f"factory {cfg['factory']!r} returned {type(model).__name__}, not a torch.nn.Module")
+        model.sepconv_config = {"factory": cfg["factory"], "kwargs": kwargs, "recipe": []}
+    for i, step in enumerate(cfg.get("recipe", [])):
+        model = _replay(model, step, f"{where}: recipe step {i}")
     model.sepconv_config["recipe"] = list(cfg.get("recipe", []))
     return model
 
 
-def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
-               trust_code: bool = False) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` and load its weights (strictly)."""
+#: Largest ``config.json`` read (a real one is a few KiB).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The validated ``config.json`` of a model directory (:func:`check_config`)."""
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise WeightsError(f"{directory}: not a model directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    if not cfg_path.is_file():
-        raise WeightsError(f"{directory}: missing {CONFIG_NAME} (a sepconv model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not directory.is_dir():
+            what = "no such model directory" if not directory.exists() else "not a model directory"
+            raise WeightsError(f"{directory}: {what} (a sepconv model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        with open(cfg_path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise WeightsError(f"{directory}: missing {CONFIG_NAME} (a sepconv model directory holds "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME})") from None
+    except OSError as e:
+        raise WeightsError(f"{cfg_path}: cannot read ({os_reason(e)})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise WeightsError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a sepconv config")
+
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise WeightsError(f"{cfg_path}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{cfg_path}: expected a JSON object")
-    model = build_from_config(cfg, trust_code=trust_code)
+    return check_config(cfg, str(cfg_path))
+
+
+def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+               trust_code: bool = False) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` and load its weights (strictly).
+
+    ``trust_code``: allow a ``config.json`` that names a ``"factory"`` to import and call it
+    (see :func:`build_from_config`); off by default."""
+    directory = Path(directory)
+    model = build_from_config(read_config(directory), trust_code=trust_code, where=str(directory / CONFIG_NAME))
     sd = load_state_dict(directory / WEIGHTS_NAME, map_location=map_location)
     load_weights_into(model, sd, source=str(directory / WEIGHTS_NAME))
     return model
@@ -289,16 +434,27 @@ def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or spec.endswith(".json")
+
+
 def model_from_spec(spec: str, *, num_classes: int | None = None, in_chans: int | None = None,
-                    weights: str | None = None, **kwargs) -> nn.Module:
+                    weights: str | None = None, trust_code: bool = False, **kwargs) -> nn.Module:
     """The command line's MODEL argument: a registry name, a saved directory, or
-    ``package.module:callable``; optional ``weights`` file loaded strictly on top."""
+    ``package.module:callable``; optional ``weights`` file loaded strictly on top.
+
+    A ``package.module:callable`` typed by the user is imported (the user asked for that code);
+    a directory is data from elsewhere and is loaded with ``trust_code`` (see
+    :func:`build_from_config`), off by default."""
     from .models import create_model
 
-    p = Path(spec)
+    p = Path(spec).expanduser()
     if p.is_dir():
-        model = load_model(p, trust_code=True)  # the user named this directory explicitly
-    elif ":" in spec and not p.exists():
+        model = load_model(p, trust_code=trust_code)
+    elif p.exists():
+        raise WeightsError(f"{spec}: is a file, not a model directory (a directory holds {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}; load a weights file with --weights FILE on a registry model)")
+    elif ":" in spec and not _looks_like_path(spec.partition(":")[0]):
         factory = import_factory(spec)
         extra = {k: v for k, v in dict(num_classes=num_classes, **kwargs).items() if v is not None}
         extra = _accepted_kwargs(factory, extra)
@@ -306,6 +462,11 @@ def model_from_spec(spec: str, *, num_classes: int | None = None, in_chans: int 
         if not isinstance(model, nn.Module):
             raise ModelError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
         model.sepconv_config = {"factory": spec, "kwargs": extra, "recipe": []}
+    elif _looks_like_path(spec):
+        where = p.parent if str(p.parent) not in ("", ".") else Path(".")
+        reason = "no such directory" if os.access(where, os.X_OK) or not where.exists() else "cannot read its directory"
+        raise WeightsError(f"{spec}: {reason} (MODEL is a registry name, a saved model directory or "
+                           "package.module:callable)")
     else:
         extra = {k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None}
         model = create_model(spec, **extra, **kwargs)

@@ -286,6 +286,7 @@ class TrainResult:
     best_acc: float
     out: Path
     ranks_in_sync: bool | None = None  # under DDP: parameters bit-identical on every rank
+    is_main: bool = True  # rank 0 (the process that writes files and prints the final lines)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -478,13 +479,17 @@ def _to_device(x: Tensor, y: Tensor, device, channels_last: bool) -> tuple[Tenso
 # ----------------------------------------------------------------------------- main loop
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks) -> nn.Module:
-    """The model a run trains: a saved model (``init``) or a registry model, then ``prepare`` hooks."""
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks,
+                trust_code: bool = False) -> nn.Module:
+    """The model a run trains: a saved model (``init``) or a registry model, then ``prepare`` hooks.
+
+    ``trust_code``: let ``init``'s ``config.json`` name a factory to import and run (refused by
+    default; see :func:`sepconv.io.build_from_config`)."""
     from .io import load_model
     from .models import create_model
 
     if cfg.init:
-        model = load_model(cfg.init, trust_code=True)
+        model = load_model(cfg.init, trust_code=trust_code)
     else:
         model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, conv=cfg.conv,
                              width=cfg.width, **cfg.model_kwargs)
@@ -501,8 +506,12 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, progress: bool = True,
-          stop_after_epochs: int | None = None, log: bool | None = None) -> TrainResult:
+          stop_after_epochs: int | None = None, log: bool | None = None, force: bool = False,
+          trust_code: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see the module docstring for what is written.
+
+    ``force``: start afresh in an ``out`` that holds another run. ``trust_code``: let ``init``'s
+    ``config.json`` name a factory (see :func:`build_model`).
 
     ``progress``: per-epoch progress bars; ``log`` (default: as ``progress``): one summary line per
     epoch on stdout.
@@ -550,7 +559,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks).to(device)
+    model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks, trust_code=trust_code).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -682,7 +691,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
         save_model(model, out / "model")
         summary = {"best_acc": best_acc, "epochs": len(history), "world_size": d.world, "ranks_in_sync": in_sync}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return TrainResult(model, history, best_acc, out, in_sync)
+    return TrainResult(model, history, best_acc, out, in_sync, d.main)
 
 
 def _in_main_thread() -> bool:

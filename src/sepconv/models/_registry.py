@@ -8,14 +8,19 @@ the model (``model.sepconv_config``) so that :func:`sepconv.io.save_model` can r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError, UnknownModelError
+from ..guard import check_memory, model_bytes
 from ..layers import CONV_KINDS
+from ._profile import count_params
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,11 @@ def create_model(
         raise ModelError(
             f"model {name!r} does not support conv={conv!r} (it supports {', '.join(info.convs)})"
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_chans, int) or in_chans < 1:
-        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
-    if not width > 0:
-        raise ConfigError(f"width must be > 0, got {width!r}")
+    for key, v in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {v!r:.80}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (0 < width < math.inf):
+        raise ConfigError(f"width must be a positive finite number, got {width!r:.80}")
     params = inspect.signature(info.fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
@@ -123,10 +127,26 @@ def create_model(
             own = [n for n in params if n not in ("num_classes", "in_chans", "conv", "width")]
             raise ConfigError(f"model {name!r} has no option {', '.join(unknown)} "
                               f"(its options: {', '.join(own) or 'none'})")
-    model = info.fn(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs)
+    args = dict(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs)
+    if torch.get_default_device().type != "meta":  # shapes first: refuse what would not fit
+        probe = _build(info, args, meta=True)
+        check_memory(model_bytes(probe), f"model {name!r} ({count_params(probe):,} parameters)")
+    model = _build(info, args)
     model.sepconv_config = {
         "name": name,
         "kwargs": dict(num_classes=num_classes, in_chans=in_chans, conv=conv, width=width, **kwargs),
         "recipe": [],
     }
     return model
+
+
+def _build(info: ModelInfo, args: dict, meta: bool = False) -> nn.Module:
+    """``info.fn(**args)`` (on the meta device: shapes only); an argument the family cannot build
+    with (a string width, a channel count that overflows) is a :class:`ModelError` naming it."""
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return info.fn(**args)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, RuntimeError) as e:
+        shown = ", ".join(f"{k}={v!r:.40}" for k, v in args.items())
+        raise ModelError(f"model {info.name!r} cannot be built with {shown} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
