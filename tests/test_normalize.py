@@ -590,3 +590,20 @@ def test_cli_bad_sn_options_give_one_line_and_status_2(capsys, tmp_path, argv, w
     code, err = run_cli(capsys, "train", *argv, "--out", str(tmp_path))
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and word in err, err
+
+
+def test_a_one_to_one_depthwise_conv_of_a_grayscale_separable_model_is_certified():
+    """The first depthwise conv of a separable model on 1-channel input is 1 -> 1 (groups 1): it is
+    depthwise, normalized by the FFT like the others, and the whole model is certified."""
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=10, in_chans=1, conv="dsc")
+    summary = spectral_normalize(model, "dsc", in_size=(1, 16, 16))
+    first = next(r for r in summary.layers if r.name == "features.0.dw")
+    assert first.parametrization == "DepthwiseFFTNorm" and first.certified
+    assert summary.certified
+    from sepconv.spectral import ConvSpec, spectral_norm
+
+    model.eval()
+    conv = model.features[0].dw
+    exact = spectral_norm(conv.weight.detach().double(), ConvSpec.of(conv, (16, 16)), method="exact")
+    assert float(exact) <= 1 + 1e-6

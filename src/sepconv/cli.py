@@ -400,7 +400,7 @@ def _run_spectrum(args) -> int:
     if args.layer is not None and not isinstance(dict(model.named_modules()).get(args.layer), nn.Conv2d):
         raise ConfigError(f"--layer {args.layer!r}: no such Conv2d in the model")
     t = time.perf_counter()
-    records = analyze(model, shape, methods=args.method, tol=args.tol, progress=not args.json)
+    records = analyze(model, shape, methods=args.method, tol=args.tol, progress=not args.json and sys.stderr.isatty())
     t_layers = time.perf_counter() - t
     t = time.perf_counter()
     L = lipschitz_bound(model, shape, method=args.bound, input_bound=args.input_bound)
@@ -539,7 +539,7 @@ def _run_convert(args) -> int:
     new, rep = convert(model, to=args.to, rank=args.rank, energy=args.energy, speedup=args.speedup,
                        method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
                        num_samples=args.samples, max_patches=args.max_patches, p=args.p,
-                       progress=args.progress and not args.json)
+                       progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
     doc = {"model": args.model, "data": args.data, **rep.to_dict()}
     save_model(new, out / "model")
     atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")

@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .errors import ConfigError, OutputError, ResourceError
 
@@ -112,7 +113,7 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of a model's parameters and buffers (shared tensors once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
+        if id(t) not in seen and not is_lazy(t):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
@@ -148,13 +149,15 @@ def forward_memory(model: nn.Module, input_shape: Sequence[int], batch: int = 1,
     buffers are not counted). Measured on the ``meta`` device: the model's parameters are
     swapped for meta tensors of the same shapes (``torch.func.functional_call``), so nothing is
     allocated and nothing computed. ``None`` when the model cannot run on meta tensors
-    (data-dependent control flow)."""
+    (data-dependent control flow) or has lazy parameters."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    if any(is_lazy(v) for _, v in tensors):  # shapes not known before the first real forward
+        return None
     p = next(iter(model.parameters()), None)
     dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
     was = model.training
     model.train(training)
-    meta = {k: torch.empty_like(v, device="meta").requires_grad_(training and v.requires_grad)
-            for k, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    meta = {k: torch.empty_like(v, device="meta").requires_grad_(training and v.requires_grad) for k, v in tensors}
     mode = _LiveBytes(tensor_bytes((batch, *input_shape), dtype))
     try:
         x = torch.empty((batch, *input_shape), dtype=dtype, device="meta")
@@ -176,7 +179,7 @@ def check_finite(named: nn.Module | Iterable[tuple[str, Tensor]], what: str = ""
     (a module's own parameters and floating buffers, e.g. BatchNorm's running statistics)."""
     items = ([*named.named_parameters(), *named.named_buffers()] if isinstance(named, nn.Module) else named)
     for name, t in items:
-        if t.is_floating_point() and t.device.type != "meta" and t.numel():
+        if not is_lazy(t) and t.is_floating_point() and t.device.type != "meta" and t.numel():
             lo, hi = torch.aminmax(t.detach().reshape(-1).float())
             if not (torch.isfinite(lo) and torch.isfinite(hi)):
                 bad = "NaN" if torch.isnan(t).any() else "Inf"

@@ -29,6 +29,7 @@ all layers are computed by **one** batched DFT per forward pass of the model
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -467,7 +468,11 @@ _OURS = (DepthwiseFFTNorm, MatrixNorm, OperatorNorm, BoundNorm, BatchNormLipschi
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups == conv.in_channels and conv.in_channels > 1 and tuple(conv.kernel_size) != (1, 1)
+    """A depthwise conv: one group per input channel, a spatial kernel. A 1 -> 1 conv (the first
+    depthwise conv of a separable model on grayscale input) is one too; a 1 -> m regular stem is
+    left to ``full_conv`` (its FFT normalization costs accuracy, see :func:`spectral_normalize`)."""
+    return (conv.groups == conv.in_channels and (conv.in_channels > 1 or conv.out_channels == 1)
+            and tuple(conv.kernel_size) != (1, 1))
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:
@@ -645,9 +650,25 @@ def spectral_normalize(model: nn.Module, method: str = "dsc", target: float = 1.
     return summary
 
 
+#: Most power-iteration steps per training step a replayed recipe may ask for (a file from
+#: elsewhere must not buy unbounded work per forward pass).
+MAX_POWER_ITERATIONS = 100
+
+
 @register_recipe("spectral_normalize")
 def _replay(model: nn.Module, step: dict) -> nn.Module:
     args = {k: v for k, v in step.items() if k != "op"}
+    known = set(inspect.signature(spectral_normalize).parameters) - {"model"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"spectral_normalize recipe: unknown argument {unknown[0]!r:.40}")
+    n = args.get("n_power_iterations", 1)
+    if isinstance(n, int) and n > MAX_POWER_ITERATIONS:
+        raise ConfigError(f"spectral_normalize recipe: n_power_iterations {n} is above {MAX_POWER_ITERATIONS}")
+    size = args.get("in_size")
+    if size is not None and not (isinstance(size, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in size)):
+        raise ConfigError(f"spectral_normalize recipe: in_size must be a list of integers, got {size!r:.60}")
     spectral_normalize(model, **args)
     return model
 

@@ -90,3 +90,31 @@ def full_disk(tmp_path):
         yield d
     finally:
         subprocess.run(["umount", str(d)])
+
+
+@pytest.fixture
+def public_tmp():
+    """A temporary directory that every user can traverse (``tmp_path`` lives under a 0700
+    directory), for tests that run as the unprivileged user."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="sepconv-hostile-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Run the block as the user ``nobody`` when the tests run as root (permission bits do not
+    bind root); a no-op otherwise."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)

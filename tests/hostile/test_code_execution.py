@@ -78,6 +78,13 @@ def test_trust_code_flag_lets_the_cli_load_a_trusted_factory(capsys, tmp_path):
     ([{"op": "convert", "to": "dsc", "layers": [{"name": "features.0"}]}], ["recipe step 0", "convert"]),
     ([{"op": "convert", "to": "dsc", "layers": "all"}], ["recipe step 0", "convert"]),
     ([{"op": "spectral_normalize", "method": "dsc", "evil": 1}], ["recipe step 0", "spectral_normalize"]),
+    ([{"op": "spectral_normalize", "method": "dsc", "n_power_iterations": 10**9}], ["n_power_iterations"]),
+    ([{"op": "spectral_normalize", "method": "dsc", "in_size": "huge"}], ["in_size"]),
+    ([{"op": "convert", "to": "dsc", "layers": [{"name": "features.0", "rank": 10**12}]}], ["rank", "features.0"]),
+    ([{"op": "convert", "to": "dsc", "layers": [{"name": "features.0", "rank": 1.5}]}], ["rank"]),
+    ([{"op": "convert", "to": "bsconv_s", "layers": [{"name": "features.3", "rank": 1, "mid": 10**9}]}], ["mid"]),
+    ([{"op": "convert", "to": "toaster", "layers": []}], ["toaster"]),
+    ([{"op": "convert", "to": "dsc", "layers": [{"name": "classifier", "rank": 1}]}], ["classifier"]),
 ])
 def test_malformed_recipes_are_one_line_errors(capsys, tmp_path, recipe, words):
     d = tmp_path / "m"

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, UnsupportedLayerError
+from ..guard import check_finite, check_memory, forward_memory
 from ..io import record_recipe, register_recipe
 from ..layers import (BSConvS, BSConvU, DepthwiseSeparableConv2d, bsconv_s_mid_channels, compose_blueprint,
                       compose_depthwise_separable)
@@ -97,7 +98,7 @@ class ConversionReport:
             rank = str(r["rank"]) + (f"/{r['mid_channels']}" if r.get("mid_channels") else "")
             rows.append([r["name"], r["shape"], r["geometry"], rank,
                          f"{r['params_before']:,}->{r['params_after']:,}",
-                         f"{r['flops_before'] / 1e6:.2f}->{r['flops_after'] / 1e6:.2f}",
+                         f"{_mflops(r['flops_before'])}->{_mflops(r['flops_after'])}",
                          f"{r['weight_error']:.4f}", f"{r['output_error']:.4f}", f"{r['seconds'] * 1e3:.0f} ms"])
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -106,11 +107,21 @@ class ConversionReport:
         lines.append("")
         lines.append(f"{len(self.layers)} layers converted to {self.settings.get('to')} "
                      f"({self.settings.get('method')}); model params {t['params_before']:,} -> {t['params_after']:,} "
-                     f"({t['params_after'] / max(t['params_before'], 1):.3f}x), FLOPs {t['flops_before'] / 1e6:,.2f}M -> "
-                     f"{t['flops_after'] / 1e6:,.2f}M ({t['flops_after'] / max(t['flops_before'], 1):.3f}x); "
+                     f"({t['params_after'] / max(t['params_before'], 1):.3f}x), {_flops_change(t)}; "
                      f"mean output error {t['mean_output_error']:.4f} (on {t['error_on']} inputs); "
                      f"{t['seconds']:.2f} s")
         return "\n".join(lines)
+
+
+def _mflops(v: int | None) -> str:
+    return "?" if v is None else f"{v / 1e6:.2f}"
+
+
+def _flops_change(t: dict) -> str:
+    if t["flops_before"] is None:
+        return "FLOPs unknown (no input size; pass input_size or data)"
+    return (f"FLOPs {t['flops_before'] / 1e6:,.2f}M -> {t['flops_after'] / 1e6:,.2f}M "
+            f"({t['flops_after'] / max(t['flops_before'], 1):.3f}x)")
 
 
 # ----------------------------------------------------------------- blocks
@@ -397,7 +408,10 @@ def _capture(model: nn.Module, names: list[str], convs: dict, images: Tensor, ma
 # ----------------------------------------------------------------- selection and shapes
 
 
-def _input_shape(model: nn.Module, images: Tensor | None, input_size) -> tuple[int, ...]:
+def _input_shape(model: nn.Module, images: Tensor | None, input_size, speedup=None) -> tuple[int, ...] | None:
+    """The model's input (C, H, W): from the data, ``input_size`` or the registry; ``None`` when
+    none tells it and none is needed (a data-free conversion by rank or energy: the factorization
+    needs no input size, only the FLOP report does, which is then unknown)."""
     if images is not None:
         return tuple(images.shape[1:])
     if input_size is not None:
@@ -411,7 +425,16 @@ def _input_shape(model: nn.Module, images: Tensor | None, input_size) -> tuple[i
         from ..models import model_info
 
         return (first.in_channels, *model_info(name).input_size[1:])
-    raise ConfigError("convert: cannot tell the input size of this model; pass input_size=(C, H, W) or data")
+    if speedup is None:
+        return None
+    raise ConfigError("convert: speedup weighs the layers by their FLOPs, which need the model's input size; "
+                      "pass input_size=(C, H, W) or data")
+
+
+def _modules_in_order(model: nn.Module) -> tuple[dict[str, tuple[nn.Conv2d, None]], None]:
+    """``_trace``'s answer without a forward pass: every ``nn.Conv2d`` in definition order, no
+    input shapes, FLOPs unknown."""
+    return {nm: (m, None) for nm, m in model.named_modules() if isinstance(m, nn.Conv2d)}, None
 
 
 @torch.no_grad()
@@ -428,10 +451,11 @@ def _trace(model: nn.Module, shape) -> tuple[dict[str, tuple[nn.Conv2d, tuple]],
             seen.setdefault(nm, (mod, tuple(inp[0].shape[1:])))
         return hook
 
+    p = next(iter(model.parameters()), None)
+    check_memory(forward_memory(model, shape) or 0, f"convert: a forward pass on an input of shape {tuple(shape)}")
     hooks = [m.register_forward_pre_hook(record(nm)) for nm, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     was = model.training
     model.eval()
-    p = next(iter(model.parameters()), None)
     x = torch.zeros(1, *shape, dtype=p.dtype if p is not None else torch.float32,
                     device=p.device if p is not None else "cpu")
     try:
@@ -547,12 +571,13 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
+    check_finite(model, "convert")
     images = None if data is None else _calibration_images(data, num_samples, seed, dtype, device)
     new = copy.deepcopy(model)
-    shape = _input_shape(new, images, input_size)
+    shape = _input_shape(new, images, input_size, speedup)
     if images is not None:
         _check_runs(new, images[:1])
-    seen, flops_before = _trace(new, shape)
+    seen, flops_before = _trace(new, shape) if shape is not None else _modules_in_order(new)
     params_before = count_params(new)
     convs = _select(new, seen, layers)
     ranks = _choose_ranks(to, convs, rank, energy, speedup, p)
@@ -588,20 +613,21 @@ def convert(model: nn.Module, to: str = "dsc", rank: int | str | dict | None = N
         rec.update(_layer_record(to, nm, conv, in_shape, block, ranks[nm], mids[nm], px.get(nm), ph.get(nm)))
     new.train(model.training)
     record_recipe(new, "convert", to=to, layers=[{"name": nm, "rank": ranks[nm], "mid": mids[nm]} for nm in names])
-    layer_delta = sum(r["flops_before"] - r["flops_after"] for r in records)
+    layer_delta = sum(r["flops_before"] - r["flops_after"] for r in records) if shape is not None else None
     rep = ConversionReport(layers=records, settings={
         "to": to, "method": method, "rank": rank if not isinstance(rank, dict) else "per-layer",
         "energy": energy, "speedup": speedup, "multilayer": multilayer if method == "gsvd" else None,
         "num_samples": int(images.shape[0]) if images is not None else 0, "max_patches": max_patches,
-        "input_shape": list(shape), "p": p})
+        "input_shape": list(shape) if shape is not None else None, "p": p})
     rep.totals = {
         "layers": len(records),
         "params_before": params_before, "params_after": count_params(new),
-        "flops_before": flops_before, "flops_after": flops_before - layer_delta,  # = profile(new): tested
+        "flops_before": flops_before,  # None: the input size is unknown (data-free, no input_size)
+        "flops_after": flops_before - layer_delta if flops_before is not None else None,  # = profile(new): tested
         "layer_params_before": sum(r["params_before"] for r in records),
         "layer_params_after": sum(r["params_after"] for r in records),
-        "layer_flops_before": sum(r["flops_before"] for r in records),
-        "layer_flops_after": sum(r["flops_after"] for r in records),
+        "layer_flops_before": sum(r["flops_before"] for r in records) if shape is not None else None,
+        "layer_flops_after": sum(r["flops_after"] for r in records) if shape is not None else None,
         "mean_output_error": sum(r["output_error"] for r in records) / len(records),
         "mean_weight_error": sum(r["weight_error"] for r in records) / len(records),
         "error_on": "calibration" if images is not None else "random",
@@ -632,14 +658,17 @@ def _layer_record(to, nm, conv, in_shape, block, rank, mid, px, ph) -> dict:
         "mid_channels": mid, "energy": fz.retained_energy(_spectrum(to, conv), rank),
         "params_before": sum(q.numel() for q in conv.parameters()),
         "params_after": sum(q.numel() for q in block.parameters()),
-        "flops_before": 2 * layer_macs(None, conv, in_shape[-2:]),
-        "flops_after": 2 * layer_macs(to, conv, in_shape[-2:], rank, mid),
+        "flops_before": 2 * layer_macs(None, conv, in_shape[-2:]) if in_shape is not None else None,
+        "flops_after": 2 * layer_macs(to, conv, in_shape[-2:], rank, mid) if in_shape is not None else None,
         "weight_error": float(torch.linalg.norm(w - a) / torch.linalg.norm(w).clamp_min(1e-300)),
     }
     if px is None:  # Gaussian random inputs (the layer's size, at most 16 x 16), the layer alone
         g = torch.Generator(device=conv.weight.device).manual_seed(0)
-        size = [min(v, RANDOM_INPUT_MAX) for v in in_shape[-2:]]
-        x = torch.randn(1, in_shape[0], *size, generator=g, device=conv.weight.device, dtype=conv.weight.dtype)
+        if in_shape is not None:
+            size = [min(v, RANDOM_INPUT_MAX) for v in in_shape[-2:]]
+        else:  # input size unknown: the largest random input, or the smallest the kernel fits on
+            size = [max(RANDOM_INPUT_MAX, d * (k - 1) + 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        x = torch.randn(1, conv.in_channels, *size, generator=g, device=conv.weight.device, dtype=conv.weight.dtype)
         y = conv(x)
         rec["output_error"] = float(torch.linalg.norm(block(x) - y) / torch.linalg.norm(y).clamp_min(1e-30))
         rec["local_error"] = None
@@ -663,14 +692,25 @@ def _layer_record(to, nm, conv, in_shape, block, rank, mid, px, ph) -> dict:
 @register_recipe("convert")
 def _replay_convert(model: nn.Module, step: dict) -> nn.Module:
     """Rebuild the structure a :func:`convert` call made (weights are loaded afterwards)."""
-    to = step.get("to")
+    to, layers = step.get("to"), step.get("layers")
+    if to not in TARGETS:
+        raise ConfigError(f"convert recipe: unknown target {to!r} (one of {', '.join(TARGETS)})")
+    if not isinstance(layers, list) or not all(isinstance(e, dict) for e in layers):
+        raise ConfigError("convert recipe: 'layers' must be a list of {name, rank, mid} objects")
     mods = dict(model.named_modules())
-    for entry in step.get("layers", []):
-        nm = entry["name"]
-        conv = mods.get(nm)
-        if not isinstance(conv, nn.Conv2d):
-            raise UnsupportedLayerError(f"convert recipe: the rebuilt model has no nn.Conv2d {nm!r}")
-        _set_module(model, nm, build_block(to, conv, int(entry["rank"]), entry.get("mid")))
+    for entry in layers:
+        nm, rank, mid = entry.get("name"), entry.get("rank"), entry.get("mid")
+        conv = mods.get(nm) if isinstance(nm, str) else None
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise UnsupportedLayerError(f"convert recipe: the rebuilt model has no nn.Conv2d (groups 1) {nm!r:.80}")
+        full = full_rank(to, conv)  # a rank is bounded by the layer: no allocation beyond the original's size
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+            raise ConfigError(f"convert recipe: layer {nm!r}: rank must be an integer in 1..{full}, got {rank!r:.40}")
+        if to == "bsconv_s" and (isinstance(mid, bool) or not isinstance(mid, int)
+                                 or not 1 <= mid <= min(conv.in_channels, conv.out_channels * rank)):
+            raise ConfigError(f"convert recipe: layer {nm!r}: mid must be an integer in "
+                              f"1..{min(conv.in_channels, conv.out_channels * rank)}, got {mid!r:.40}")
+        _set_module(model, nm, build_block(to, conv, rank, mid if to == "bsconv_s" else None))
     return model
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError, UnknownModelError
+from ..errors import ConfigError, ModelError, SepconvError, UnknownModelError
 from ..guard import check_memory, model_bytes
 from ..layers import CONV_KINDS
 from ._profile import count_params
@@ -146,6 +146,8 @@ def _build(info: ModelInfo, args: dict, meta: bool = False) -> nn.Module:
     try:
         with torch.device("meta") if meta else contextlib.nullcontext():
             return info.fn(**args)
+    except SepconvError:
+        raise
     except (TypeError, ValueError, OverflowError, ZeroDivisionError, RuntimeError) as e:
         shown = ", ".join(f"{k}={v!r:.40}" for k, v in args.items())
         raise ModelError(f"model {info.name!r} cannot be built with {shown} "
