@@ -326,6 +326,22 @@ def test_imagefolder_resizes_shorter_side_then_center_crops(tmp_path):
     assert gray.shape == (1, 3, 4, 4) and (gray == 128).all()  # grayscale is read as RGB
 
 
+def test_center_square_resize_matches_resizing_the_whole_image_then_cropping(tmp_path):
+    from sepconv.data import read_image
+
+    for h, w, size in ((20, 60, 10), (37, 23, 16), (64, 65, 64), (31, 200, 7), (50, 50, 50)):
+        pixels = hwc_images(1, h, w)[0]
+        save_image(tmp_path / "x.png", pixels)
+        scale = size / min(w, h)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        im = Image.fromarray(pixels)
+        im = im.resize(new, Image.Resampling.BILINEAR) if new != (w, h) else im
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        want = chw(np.array(im.crop((left, top, left + size, top + size)))[None])[0]
+        got = read_image(tmp_path / "x.png", size)
+        assert got.shape == (3, size, size) and (got.int() - want.int()).abs().max() <= 1
+
+
 def test_imagefolder_without_split_folders_has_a_fixed_disjoint_stratified_split(tmp_path):
     for c, n in (("cat", 10), ("dog", 5), ("owl", 1)):
         for i in range(n):
