@@ -81,6 +81,10 @@ def test_two_process_ddp_matches_single_process_and_ranks_agree(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    # only rank 0 prints: one summary line per epoch and one final line, as a single process does
+    assert ddp.stdout.count("epoch 1/1 ") == 1 and ddp.stdout.count("best test accuracy") == 1, ddp.stdout
+    head = lambda text: [line.split("  ")[0].split(";")[0] for line in text.splitlines()]  # noqa: E731
+    assert head(ddp.stdout) == head(single.stdout)
     a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
     assert a.keys() == b.keys()
     for k in a:

@@ -197,12 +197,16 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="after each epoch, log the network Lipschitz bound and the certified accuracy at these l2 radii")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt; the settings must be the checkpoint's, except --epochs (may "
+                        "grow), --out, --data-dir, --device, --no-channels-last and --certify")
     g.add_argument("--force", action="store_true",
-                   help="start afresh in an OUT that holds another run (its checkpoints and model are replaced)")
+                   help="start afresh in an OUT that holds another run (its checkpoints, metrics and model are "
+                        "removed once every check has passed); without it such an OUT is refused")
     g.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="stop this invocation after N epochs (continue later with --resume)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="any integer (generators take it modulo 2**64: seeds 2**64 apart give the same run)")
     g.add_argument("--device", default=d.device, help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     g.add_argument("--no-progress", dest="progress", action="store_false",

@@ -11,13 +11,30 @@ One function, :func:`train`, runs a classification training from a :class:`Train
   ``metrics.jsonl``; epoch-end hooks add their own metrics (certified accuracy, ...).
 * Files in ``out``: ``metrics.jsonl`` (one line per epoch: losses, accuracies, lr, time
   per step), ``last.pt`` and ``best.pt`` (full checkpoints: model, optimizer, scheduler,
-  RNG states, epoch and step, written atomically), and ``model/`` (the final model as a
-  sepconv model directory: ``config.json`` + ``model.safetensors``).
+  RNG states, epoch and step, and the metrics of the epochs so far), and ``model/`` (the
+  final model as a sepconv model directory: ``config.json`` + ``model.safetensors``).
+  Every file is written atomically and honours the umask; at the end of an epoch ``best.pt``
+  is written first, then ``last.pt``, then ``metrics.jsonl`` (rewritten from the checkpoint's
+  metrics), so a crash or a full disk at any point leaves a ``last.pt`` that ``--resume``
+  continues with no epoch lost or repeated in ``metrics.jsonl``.
+* Nothing is lost: a run holds an exclusive lock on ``out/.lock`` for its whole length (a
+  second run into the same ``out`` is refused); a fresh run refuses an ``out`` that holds a
+  previous run (``last.pt``, ``best.pt``, ``model/``, ``metrics.jsonl``, ``summary.json``)
+  unless ``resume=True`` continues it or ``force=True`` replaces it; ``out`` is proved
+  writable before any work; temporary files a killed run left behind are removed. A loss or
+  weights that become NaN or Inf stop the run with :class:`TrainingDiverged` and nothing of
+  that epoch is saved (the last good ``last.pt`` stays).
 * ``resume=True`` continues from ``last.pt`` exactly: the data order and augmentation of
   every step are functions of (seed, epoch, step), and every other source of randomness
   is restored, so an interrupted run that is resumed ends with bit-identical weights on
-  the CPU. SIGINT (Ctrl-C) finishes the current step, writes ``last.pt`` and raises
-  :class:`TrainingInterrupted` (the command line exits with status 130).
+  the CPU. The checkpoint is checked entry by entry before any training (a
+  :class:`~sepconv.errors.CheckpointError` names what is wrong), and the run's settings must
+  match the checkpoint's except those in :data:`RESUME_MAY_CHANGE`. SIGINT (Ctrl-C) finishes
+  the current step, writes ``last.pt`` and raises :class:`TrainingInterrupted` (the command
+  line exits with status 130).
+* Seeds may be any integer: each generator is seeded with the seed (mixed with the epoch and
+  step) modulo 2**64 (numpy's modulo 2**32), so seeds that differ by a multiple of 2**64 give
+  the same run.
 * Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
   CUDA); every rank takes every ``world``-th sample of the same shuffled order, so the
   global batch equals a single-process batch of the same size; only rank 0 writes files.
@@ -26,14 +43,18 @@ One function, :func:`train`, runs a classification training from a :class:`Train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,8 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError
-from .io import atomic_torch_save, atomic_write_text, save_model
+from .errors import CheckpointError, ConfigError, OutputError, SepconvError, WeightsError
+from .guard import check_finite, os_reason, writable_dir
+from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_text, remove_stale_temporaries,
+                 save_model)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -272,11 +295,18 @@ def _certify_hook(cfg: TrainConfig, input_shape: tuple[int, int, int], test_set,
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after SIGINT once the checkpoint is safely written."""
+    """Raised after SIGINT once the checkpoint is safely written (by rank 0 under torchrun:
+    ``checkpoint`` is ``None`` on the other ranks)."""
 
     def __init__(self, checkpoint: Path | None):
-        super().__init__(f"interrupted; checkpoint written to {checkpoint}")
+        super().__init__(f"interrupted; checkpoint written to {checkpoint}" if checkpoint is not None
+                         else "interrupted; rank 0 wrote the checkpoint")
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(ConfigError):
+    """The loss, a metric or the weights became NaN or Inf. Nothing of the epoch in which it
+    happened is saved; the last good ``last.pt`` (if any) is kept."""
 
 
 @dataclass
@@ -334,13 +364,25 @@ def classification_loss(logits: Tensor, y: Tensor, label_smoothing: float = 0.0,
     return F.cross_entropy(logits * logit_scale, y, label_smoothing=label_smoothing) / logit_scale
 
 
+#: Generators are seeded modulo this (torch's seed range); any integer is a valid ``seed``.
+SEED_MODULUS = 2**64
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) % SEED_MODULUS)
     return torch.randperm(n, generator=g)
 
 
 def _step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) * 257 + rank)
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + step) * 257 + rank) % SEED_MODULUS)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` from any integer (torch and numpy take it modulo
+    their seed ranges; torch maps a negative seed onto the same value modulo 2**64 itself)."""
+    torch.manual_seed(seed % SEED_MODULUS)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _rng_state() -> dict:
@@ -371,14 +413,40 @@ def _checkpoint_safe(obj):
     return obj
 
 
-def _restore_rng(st: dict) -> None:
-    np_state = st["numpy"]
-    st = dict(st)
-    st["numpy"] = (np_state[0], np.asarray(np_state[1], dtype=np.uint32), int(np_state[2]),
-                   int(np_state[3]), float(np_state[4]))
-    py = st["python"]
-    st["python"] = (py[0], tuple(py[1]), py[2])
-    _set_rng_state(st)
+def _rng_native(st, bad: Callable[[str], None]) -> dict:
+    """The RNG states of a checkpoint (as :func:`_checkpoint_safe` stored them) in the form the
+    generators take, each tried on a throw-away generator first; ``bad(msg)`` raises."""
+    for key in ("torch", "numpy", "python"):
+        if key not in st:
+            bad(f"'rng' has no {key!r} state")
+    t = st["torch"]
+    want = torch.get_rng_state()
+    if not (isinstance(t, Tensor) and t.dtype == torch.uint8 and t.shape == want.shape):
+        bad(f"'rng' torch state is not a generator state (a uint8 tensor of {want.numel()} bytes), got "
+            + (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__))
+    try:
+        torch.Generator().set_state(t)
+        n = st["numpy"]
+        numpy_state = (str(n[0]), np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4]))
+        np.random.RandomState().set_state(numpy_state)
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, RuntimeError) as e:
+        bad(f"'rng' numpy or torch state is malformed ({_one_line(e)[:120]})")
+    try:
+        py = st["python"]
+        python_state = (int(py[0]), tuple(int(v) for v in py[1]), None if py[2] is None else float(py[2]))
+        random.Random().setstate(python_state)
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError) as e:
+        bad(f"'rng' python state is malformed ({_one_line(e)[:120]})")
+    out = {"torch": t, "numpy": numpy_state, "python": python_state}
+    if "cuda" in st:
+        if not (isinstance(st["cuda"], (list, tuple)) and all(isinstance(c, Tensor) for c in st["cuda"])):
+            bad("'rng' cuda state is not a list of generator states")
+        out["cuda"] = list(st["cuda"])
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -388,6 +456,7 @@ def _restore_rng(st: dict) -> None:
 class _Dist:
     rank: int = 0
     world: int = 1
+    owned: bool = False  # this module created the process group (and so destroys it when train() ends)
 
     @property
     def main(self) -> bool:
@@ -400,9 +469,10 @@ def _init_distributed(device: torch.device) -> _Dist:
         return _Dist()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size())
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
 def _all_reduce_sum(values: list[float], d: _Dist) -> list[float]:
@@ -476,7 +546,7 @@ def _to_device(x: Tensor, y: Tensor, device, channels_last: bool) -> tuple[Tenso
     return x, y.to(device, non_blocking=True)
 
 
-# ----------------------------------------------------------------------------- main loop
+# ----------------------------------------------------------------------------- the model
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks,
@@ -484,25 +554,403 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks,
     """The model a run trains: a saved model (``init``) or a registry model, then ``prepare`` hooks.
 
     ``trust_code``: let ``init``'s ``config.json`` name a factory to import and run (refused by
-    default; see :func:`sepconv.io.build_from_config`)."""
+    default; see :func:`sepconv.io.build_from_config`). ``model_kwargs`` may not set what the run
+    sets itself (the data's ``num_classes`` and ``in_chans``, ``conv``, ``width``, the model
+    ``name``) to another value: a :class:`ConfigError` names both values; nor may it be given
+    with ``init`` (the directory's ``config.json`` defines the model)."""
     from .io import load_model
     from .models import create_model
 
     if cfg.init:
+        if cfg.model_kwargs:
+            key = next(iter(cfg.model_kwargs))
+            raise ConfigError(f"--model-arg {key}={cfg.model_kwargs[key]!r:.40} does not apply with --init {cfg.init} "
+                              "(the directory's config.json defines the model)")
         model = load_model(cfg.init, trust_code=trust_code)
     else:
+        kwargs = dict(cfg.model_kwargs)
+        own = {"num_classes": (num_classes, f"the {num_classes} classes of the data ({cfg.data})"),
+               "in_chans": (in_chans, f"the {in_chans} input channels of the data ({cfg.data})"),
+               "conv": (cfg.conv, f"--conv {cfg.conv}"), "width": (cfg.width, f"--width {cfg.width:g}"),
+               "name": (cfg.model, f"--model {cfg.model}")}
+        for key, (value, what) in own.items():
+            if key in kwargs:
+                if not (type(kwargs[key]) in (int, float, str) and kwargs[key] == value):
+                    raise ConfigError(f"--model-arg {key}={kwargs[key]!r:.40} clashes with {what}")
+                del kwargs[key]  # the same value twice: harmless
         model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, conv=cfg.conv,
-                             width=cfg.width, **cfg.model_kwargs)
+                             width=cfg.width, **kwargs)
     for prep in hooks.prepare:
         model = prep(model)
     return model
 
 
-def _read_checkpoint(path: Path) -> dict:
+def _model_io(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int | None, int | None]:
+    """(input channels of the first Conv2d, classes of the output) of ``model``; the classes from a
+    forward pass on the ``meta`` device (shapes only), else the last Linear layer. ``None`` where
+    the model does not say."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = first.in_channels if first is not None else None
+    classes = None
+    if chans in (None, input_shape[0]):
+        was = model.training
+        try:
+            meta = {k: torch.empty_like(v, device="meta") for k, v in
+                    [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+            with torch.no_grad():
+                y = torch.func.functional_call(model.eval(), meta, (torch.empty((2, *input_shape), device="meta"),),
+                                               strict=False, tie_weights=True)
+            if isinstance(y, Tensor) and y.ndim == 2:
+                classes = int(y.shape[1])
+        except Exception:  # noqa: BLE001 -- a model that cannot run on meta: ask its last layer
+            pass
+        finally:
+            model.train(was)
+    if classes is None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        classes = last[-1].out_features if last else None
+    return chans, classes
+
+
+def _check_fits_data(model: nn.Module, cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+    """A :class:`ConfigError` naming both numbers when the model's input channels or classes are
+    not the data's (an ``init`` directory made for other data)."""
+    src = f"--init {cfg.init}" if cfg.init else f"model {cfg.model!r}"
+    chans, classes = _model_io(model, input_shape)
+    if chans is not None and chans != input_shape[0]:
+        raise ConfigError(f"{src} takes {chans} input channels, but the data ({cfg.data}) has {input_shape[0]}")
+    if classes is not None and classes != num_classes:
+        raise ConfigError(f"{src} has {classes} output classes, but the data ({cfg.data}) has {num_classes}")
+
+
+def _check_step_memory(model: nn.Module, cfg: TrainConfig, input_shape: tuple[int, int, int], batch: int,
+                       eval_batch: int) -> None:
+    """Refuse (:class:`~sepconv.errors.ResourceError`, with the estimate) a run whose training step
+    would need more than the memory budget: the activations a forward pass keeps for the backward
+    (:func:`sepconv.guard.forward_memory`, on the ``meta`` device), or those of an evaluation
+    batch, plus the weights, their gradients and the optimizer's state. An estimate (the backward
+    pass's transient buffers are not counted), meant to refuse what cannot fit, not to be tight."""
+    from .guard import check_memory, format_bytes, forward_memory, model_bytes
+
+    with torch.random.fork_rng(devices=[]):  # the estimate must not move the run's random streams
+        act = forward_memory(model, input_shape, batch, training=True)
+        ev = forward_memory(model, input_shape, eval_batch, training=False)
+    if act is None and ev is None:
+        return
+    states = {"sgd": 1 if cfg.momentum > 0 else 0, "adamw": 2}[cfg.optimizer]
+    weights = model_bytes(model)
+    need = max(act or 0, ev or 0) + weights * (2 + states)
+    shape = "x".join(map(str, input_shape))
+    check_memory(need, f"a training step (batch {batch} of {shape} images: activations "
+                       f"{format_bytes(max(act or 0, ev or 0))}, weights, gradients and optimizer state "
+                       f"{format_bytes(weights * (2 + states))})",
+                 hint="lower --batch-size, --image-size or --width")
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+#: What a run writes into ``out`` (``model`` is a directory). A fresh run refuses an ``out`` that
+#: holds any of them, unless ``force=True``.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "model")
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """Hold an exclusive ``flock`` on ``out/.lock`` for the block (the kernel releases it when the
+    process ends, however it ends); :class:`OutputError` naming ``out`` when another run holds it."""
+    path = out / LOCK_NAME
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({' '.join(str(e).split())[:160]})") from None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot create the run's lock file ({os_reason(e)})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputError(f"--out {out}: another run{who} holds it ({path} is locked); wait for that run "
+                              "to end or choose another --out") from None
+        except OSError as e:
+            raise OutputError(f"{path}: cannot lock the output directory ({os_reason(e)})") from None
+        with contextlib.suppress(OSError):  # who holds it, for a second run's message (a full disk may refuse)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def _claim_output(out: Path, resume: bool, force: bool, held: contextlib.ExitStack) -> None:
+    """Before any work: ``out`` is a writable directory, this run holds its lock (kept in ``held``),
+    nothing is in the way of the run's files, a fresh run does not silently replace a previous one,
+    and temporary files a killed run left are gone."""
+    writable_dir(out, "--out")
+    held.enter_context(_run_lock(out))
+    for name in (*RUN_FILES, "train_config.json"):
+        p = out / name
+        if name == "model" and p.exists() and not p.is_dir():
+            raise OutputError(f"{p}: is in the way of the run's model directory (it is a file)")
+        if name != "model" and p.is_dir():
+            raise OutputError(f"{p}: is in the way of the run's {name} (it is a directory)")
+    if not resume and not force:
+        there = [f"{n}/" if n == "model" else n for n in RUN_FILES if (out / n).exists()]
+        if there:
+            raise OutputError(f"--out {out}: holds a previous run ({', '.join(there)}); continue it with --resume "
+                              "or replace it with --force")
+    for directory in (out, out / "model"):
+        if directory.is_dir():
+            remove_stale_temporaries(directory)
+
+
+def _remove_previous_run(out: Path) -> None:
+    """``force=True``: the previous run's files go before the new run writes its own (never a mix)."""
+    for p in [out / n for n in RUN_FILES if n != "model"] + [out / "model" / CONFIG_NAME, out / "model" / WEIGHTS_NAME]:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OutputError(f"{p}: cannot remove the previous run's file ({os_reason(e)})") from None
+    with contextlib.suppress(OSError):  # left in place when it holds files of the user's
+        (out / "model").rmdir()
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _on_rank0(d: _Dist, fn: Callable[[], object]) -> None:
+    """Run ``fn`` (file work) on rank 0 only; an exception there is raised on every rank, so that no
+    rank waits in a collective for a rank that gave up."""
+    err = None
+    if d.main:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            err = e
+    if d.world > 1:
+        import torch.distributed as dist
+
+        box = [err]
+        if err is not None:
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001
+                box = [RuntimeError(f"rank 0: {type(err).__name__}: {_one_line(err)}")]
+        dist.broadcast_object_list(box, src=0)
+        if not d.main and box[0] is not None:
+            raise box[0]
+    if err is not None:
+        raise err
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+#: Settings a resumed run may change; every other :class:`TrainConfig` field must match the
+#: checkpoint's, since ``--resume`` continues the same run (its model, data, order of samples,
+#: optimizer and loss). ``epochs`` may grow (or shrink to no less than the checkpoint's epoch; the
+#: cosine schedule stretches from there); ``out`` and ``data_dir`` may move; ``device``,
+#: ``channels_last`` and ``eval_batch_size`` change how, not what, is computed; ``certify`` and
+#: ``extra`` only add measurements. A different setting is a new run: ``--force`` (or ``--init``
+#: from the run's ``model/``).
+RESUME_MAY_CHANGE = frozenset({"epochs", "out", "data_dir", "device", "channels_last", "eval_batch_size",
+                               "certify", "extra"})
+
+#: Entries of a checkpoint and what each must be.
+_CHECKPOINT_ENTRIES = {"config": (dict, "a dict"), "model": (dict, "a state dict"),
+                       "optimizer": (dict, "an optimizer state dict"), "scheduler": (dict, "a scheduler state dict"),
+                       "rng": (dict, "a dict of RNG states"), "epoch": (int, "an integer"),
+                       "step": (int, "an integer"), "best_acc": ((int, float), "a number")}
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and
+    dicts only; a file that needs more (a pickled object, a code payload) is refused unread."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint to resume from") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({os_reason(e)})") from None
+    if not head:
+        raise CheckpointError(f"{path}: is empty, not a checkpoint")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a torch checkpoint (it starts with {head!r})")
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: the file needs arbitrary unpickling, which can run code "
+                              f"(a checkpoint holds tensors, numbers, strings, lists and dicts; "
+                              f"{_one_line(e)[:100]})") from None
+    except Exception as e:  # noqa: BLE001 -- zip, EOF and format errors of a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_one_line(e)[:160]})") from None
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b) and type(a) is not Tensor
+    except Exception:  # noqa: BLE001 -- a value that does not compare (a tensor in a hostile config)
+        return False
+
+
+def _check_checkpoint(state, path: Path, cfg: TrainConfig, steps_per_epoch: int, loss_terms) -> dict:
+    """Check a checkpoint's entries against the run before anything is built; returns what the
+    run resumes from (``epoch``, ``step``, ``best_acc``, ``running``, ``records``, ``rng``).
+    :class:`CheckpointError` naming ``path`` and the entry otherwise."""
+    def bad(msg: str):
+        raise CheckpointError(f"{path}: {msg}")
+
+    if not isinstance(state, dict):
+        bad(f"not a training checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in _CHECKPOINT_ENTRIES if k not in state]
+    if missing:
+        bad(f"not a complete training checkpoint: no {', '.join(map(repr, missing))} "
+            f"entr{'y' if len(missing) == 1 else 'ies'}")
+    for key, (types, what) in _CHECKPOINT_ENTRIES.items():
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, types):
+            bad(f"{key!r} must be {what}, got {type(v).__name__} {v!r:.40}")
+    try:
+        old = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        bad(f"'config' is malformed ({_one_line(e)[:120]})")
+    for f in dataclasses.fields(TrainConfig):
+        a, b = getattr(old, f.name), getattr(cfg, f.name)
+        if f.name not in RESUME_MAY_CHANGE and not _equal(a, b):
+            bad(f"the checkpoint was trained with {f.name}={a!r:.60}, not {b!r:.60} (--resume continues the "
+                f"same run: only {', '.join(sorted(RESUME_MAY_CHANGE))} may change; --force starts afresh)")
+    epoch, step = state["epoch"], state["step"]
+    if epoch < 0:
+        bad(f"'epoch' is {epoch}: not a number of finished epochs")
+    if epoch > cfg.epochs or (epoch == cfg.epochs and step > 0):
+        bad(f"the checkpoint is at epoch {epoch}{f' step {step}' if step else ''}, past --epochs {cfg.epochs} "
+            f"(resume with --epochs {epoch + (step > 0)} or more)")
+    if not 0 <= step <= steps_per_epoch:
+        bad(f"'step' is {step}, outside the {steps_per_epoch} steps of an epoch (0..{steps_per_epoch})")
+    best = state["best_acc"]
+    if not (math.isfinite(best) and -1 <= best <= 1):
+        bad(f"'best_acc' is {best!r}, not an accuracy")
+    running = state.get("running")
+    if step == 0:
+        running = None
+    else:
+        need = ("loss", "correct", "n", "time", "steps", *(f"loss_{k}" for k in loss_terms))
+        if not (isinstance(running, dict) and all(
+                isinstance(running.get(k), (int, float)) and not isinstance(running.get(k), bool)
+                and math.isfinite(running[k]) and running[k] >= 0 for k in need)):
+            bad(f"'running' (the sums of the epoch's first {step} steps) is missing or malformed")
+        if running["steps"] != step:
+            bad(f"'running' counts {running['steps']!r} steps, but 'step' is {step}")
+        running = {k: running[k] for k in need}
+    records = state.get("history")
+    if records is not None:
+        if not (isinstance(records, list) and len(records) == epoch
+                and all(isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(records))):
+            bad(f"'history' does not hold the metrics of epochs 1..{epoch}")
+        try:
+            json.dumps(records)
+        except (TypeError, ValueError) as e:
+            bad(f"'history' is not plain numbers and text ({_one_line(e)[:80]})")
+    rng = _rng_native(state["rng"], bad)
+    return {"epoch": epoch, "step": step, "best_acc": float(best), "running": running, "records": records,
+            "rng": rng}
+
+
+def _metrics_upto(path: Path, epoch: int) -> list[dict]:
+    """The complete lines of ``metrics.jsonl`` for epochs 1..``epoch`` (a checkpoint without its own
+    metrics): what a crash after the metrics but before the checkpoint wrote is cut off."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        if not (isinstance(rec, dict) and rec.get("epoch") == len(records) + 1 and len(records) < epoch):
+            break
+        records.append(rec)
+    return records
+
+
+def _load_checkpoint(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, global_step: int) -> None:
+    """Load the model, optimizer and scheduler states, each checked against what this run built;
+    :class:`CheckpointError` naming the entry (and the key) that does not fit."""
+    from .io import load_weights_into
+
+    def bad(msg: str):
+        raise CheckpointError(f"{path}: {msg}")
+
+    sd = state["model"]
+    wrong = next((k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
+    if wrong is not None:
+        bad(f"'model' entry {wrong!r:.60} is not a named tensor")
+    try:
+        load_weights_into(model, sd, source=f"{path}: 'model'")
+        check_finite(model, f"{path}: 'model'")
+    except (WeightsError, ConfigError) as e:
+        raise CheckpointError(str(e)) from None
+    opt = state["optimizer"]
+    if not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        bad("'optimizer' is not an optimizer state dict (it needs 'state' and 'param_groups')")
+    try:
+        optimizer.load_state_dict(opt)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        bad(f"'optimizer' does not fit this run's {type(optimizer).__name__} ({_one_line(e)[:120]})")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for key, v in group.items():
+            if key != "params" and isinstance(v, float) and not math.isfinite(v):
+                bad(f"'optimizer' has {key}={v}")
+        for p in group["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor):
+                    if v.ndim and v.shape != p.shape:
+                        bad(f"'optimizer' state {key!r} of {names.get(id(p), '?')} has shape {tuple(v.shape)}, "
+                            f"the parameter {tuple(p.shape)}")
+                    if v.is_floating_point() and not torch.isfinite(v).all():
+                        bad(f"'optimizer' state {key!r} of {names.get(id(p), '?')} holds NaN or Inf")
+                elif not (v is None or isinstance(v, (int, float))):
+                    bad(f"'optimizer' state {key!r} of {names.get(id(p), '?')} is a {type(v).__name__}")
+    sch, own = state["scheduler"], scheduler.state_dict()
+    unknown = [k for k in sch if k not in own]
+    if unknown:
+        bad(f"'scheduler' has an entry {unknown[0]!r:.60} a {type(scheduler).__name__} does not have")
+    if sch.get("last_epoch") != global_step or isinstance(sch.get("last_epoch"), bool):
+        bad(f"'scheduler' is at step {sch.get('last_epoch')!r:.40}, but the checkpoint's epoch and step make "
+            f"step {global_step}")
+    base = sch.get("base_lrs", own["base_lrs"])
+    if not (isinstance(base, list) and len(base) == len(own["base_lrs"]) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0 for b in base)):
+        bad("'scheduler' base_lrs are not one finite learning rate per parameter group")
+    if any(fn is not None for fn in sch.get("lr_lambdas", [])):
+        bad("'scheduler' lr_lambdas must be empty (the schedule comes from the config)")
+    for k, v in sch.items():
+        if k not in ("base_lrs", "lr_lambdas", "_last_lr") and type(v) is not type(own[k]) and not (
+                isinstance(v, (int, float)) and isinstance(own[k], (int, float))):
+            bad(f"'scheduler' {k} is a {type(v).__name__}, not a {type(own[k]).__name__}")
+    scheduler.load_state_dict(sch)
+
+
+def _nonfinite_param(model: nn.Module) -> str | None:
+    try:
+        check_finite(model)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+# ----------------------------------------------------------------------------- main loop
 
 
 def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, progress: bool = True,
@@ -510,32 +958,61 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
           trust_code: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see the module docstring for what is written.
 
-    ``force``: start afresh in an ``out`` that holds another run. ``trust_code``: let ``init``'s
-    ``config.json`` name a factory (see :func:`build_model`).
+    ``resume``: continue the run in ``cfg.out`` from its ``last.pt``. The checkpoint is checked
+    before any training: its entries (``config``, ``model``, ``optimizer``, ``scheduler``, ``rng``,
+    ``epoch``, ``step``, ``best_acc``) must be there and well-formed, the epoch within
+    ``0..cfg.epochs`` and the step within the epoch, the states must fit the model and optimizer
+    this run builds, and ``cfg`` must match the checkpoint's config in everything but
+    :data:`RESUME_MAY_CHANGE` (``epochs`` may grow); ``metrics.jsonl`` is rewritten to the
+    checkpoint's epochs. ``force``: start afresh in an ``out`` that holds another run (its files
+    are removed once every check has passed, just before training starts); without it such an
+    ``out`` is refused. ``trust_code``: let ``init``'s ``config.json`` name a factory (see
+    :func:`build_model`).
 
     ``progress``: per-epoch progress bars; ``log`` (default: as ``progress``): one summary line per
-    epoch on stdout.
+    epoch on stdout (rank 0 only under torchrun).
 
     ``stop_after_epochs`` ends this invocation after that many epochs (a checkpoint is
     written as usual), to be continued later with ``resume=True``.
-    """
-    from .data import augment_batch, load_dataset
 
+    Raises :class:`~sepconv.errors.OutputError` (``out`` not writable, locked by another run,
+    holding a previous run, a full disk), :class:`~sepconv.errors.CheckpointError`,
+    :class:`~sepconv.errors.ResourceError` (a training step above the memory budget),
+    :class:`TrainingDiverged`, :class:`~sepconv.errors.ConfigError` -- all before any training
+    except a full disk and a divergence, which keep the last good checkpoint.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     d = _init_distributed(device)
-    if d.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if cfg.batch_size % d.world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {d.world} processes")
-    out = Path(cfg.out)
-    ckpt_path = out / "last.pt"
+    try:
+        if d.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if cfg.batch_size % d.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {d.world} processes")
+        out = Path(cfg.out)
+        with contextlib.ExitStack() as held:  # the run's lock on `out`, held to the end
+            _on_rank0(d, lambda: _claim_output(out, resume, force, held))
+            return _train_locked(cfg, hooks, resume, force, progress, stop_after_epochs, log, trust_code,
+                                 device, d, out, out / "last.pt")
+    finally:
+        if d.owned:  # a process group left to the interpreter's exit can abort it (gloo's threads)
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_locked(cfg: TrainConfig, hooks: Hooks | None, resume: bool, force: bool, progress: bool,
+                  stop_after_epochs: int | None, log: bool | None, trust_code: bool, device: torch.device, d: _Dist,
+                  out: Path, ckpt_path: Path) -> TrainResult:
+    """:func:`train` once this process holds ``out`` (rank 0) or rank 0 holds it (the other ranks)."""
+    from .data import augment_batch, load_dataset
 
     train_set = load_dataset(cfg.data, cfg.data_dir, split="train", image_size=cfg.image_size)
     test_set = load_dataset(cfg.data, cfg.data_dir, split="test", image_size=cfg.image_size)
+    input_shape = (train_set.in_chans, *train_set.image_size)
     if hooks is None:
-        hooks = default_hooks(cfg, (train_set.in_chans, *train_set.image_size), test_set, device)
+        hooks = default_hooks(cfg, input_shape, test_set, device)
     local_batch = cfg.batch_size // d.world
     n_train = len(train_set) if cfg.train_images is None else min(len(train_set), cfg.train_images)
     per_rank = n_train // d.world
@@ -543,38 +1020,36 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {n_train} training images")
 
-    state = None
+    state = resumed = None
     if resume:
-        if not ckpt_path.is_file():
-            raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
         state = _read_checkpoint(ckpt_path)
-        old = TrainConfig.from_dict(state["config"])
-        for key in ("model", "conv", "width", "model_kwargs", "data", "image_size", "batch_size", "seed",
-                    "sn", "sn_batchnorm"):
-            if getattr(old, key) != getattr(cfg, key):
-                raise CheckpointError(
-                    f"{ckpt_path}: the checkpoint was trained with {key}={getattr(old, key)!r}, "
-                    f"not {getattr(cfg, key)!r}")
+        resumed = _check_checkpoint(state, ckpt_path, cfg, steps_per_epoch, hooks.loss_terms)
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
-    model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks, trust_code=trust_code).to(device)
+    _seed_everything(cfg.seed)
+    model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks, trust_code=trust_code)
+    _check_fits_data(model, cfg, train_set.num_classes, input_shape)
+    eval_batch = min(cfg.eval_batch_size, max(1, -(-len(test_set) // d.world)))
+    _check_step_memory(model, cfg, input_shape, local_batch, eval_batch)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
-    start_epoch, start_step, best_acc, running = 0, 0, -1.0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        best_acc = state["best_acc"]
-        running = state.get("running")
-        _restore_rng(state["rng"])
+    start_epoch, start_step, best_acc, running, records = 0, 0, -1.0, None, []
+    last_saved: tuple[int, int] | None = None  # (epoch, step) of the last.pt this run may fall back on
+    if resumed is not None:
+        _load_checkpoint(state, ckpt_path, model, optimizer, scheduler,
+                         resumed["epoch"] * steps_per_epoch + resumed["step"])
+        start_epoch, start_step = resumed["epoch"], resumed["step"]
+        best_acc, running = resumed["best_acc"], resumed["running"]
+        records = resumed["records"]
+        if records is None:  # a checkpoint without its metrics: the file's, cut to the checkpoint's epoch
+            records = _metrics_upto(out / "metrics.jsonl", start_epoch)
+        last_saved = (start_epoch, start_step)
+        _set_rng_state(resumed["rng"])
+        del state
     net: nn.Module = model
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -583,9 +1058,13 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+    def start() -> None:  # every check passed: from here on the run writes
+        if force and not resume:
+            _remove_previous_run(out)
         atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if resume and (records or (out / "metrics.jsonl").exists()):
+            atomic_write_text(out / "metrics.jsonl", _jsonl(records))  # no epoch twice, none after the checkpoint
+    _on_rank0(d, start)
     history: list[dict] = []
     interrupted = {"flag": False}
 
@@ -601,8 +1080,16 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
             "best_acc": best_acc, "running": run, "rng": _rng_state(), "config": cfg.to_dict(),
-            "sepconv_config": getattr(model, "sepconv_config", None),
+            "sepconv_config": getattr(model, "sepconv_config", None), "history": list(records),
         }), path)
+
+    def diverged(what: str, epoch: int, step: int | None = None) -> TrainingDiverged:
+        where = f"epoch {epoch + 1}/{cfg.epochs}" + (f", step {step + 1}/{steps_per_epoch}" if step is not None else "")
+        kept = (f"the last good checkpoint {ckpt_path} (epoch {last_saved[0]}"
+                + (f" step {last_saved[1]}" if last_saved[1] else "") + ") is kept"
+                if last_saved is not None else "no checkpoint was written")
+        return TrainingDiverged(f"training diverged at {where}: {what}; nothing of this epoch was saved and {kept} "
+                                f"(a smaller --lr than {cfg.lr:g} may help)")
 
     epochs_run = 0
     try:
@@ -625,22 +1112,38 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
                 logits = net(x)
                 loss = classification_loss(logits, y, cfg.label_smoothing, cfg.logit_scale)
                 total = loss
+                bad = None
                 for name, term in hooks.loss_terms.items():
                     v = term(model)
-                    run[f"loss_{name}"] += float(v.detach())
+                    value = float(v.detach())
+                    run[f"loss_{name}"] += value
+                    if not math.isfinite(value):
+                        bad = bad or f"the loss term {name!r} is {value}"
                     total = total + v
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
                 scheduler.step()
-                run["loss"] += loss.item() * len(y)
+                value = loss.item()
+                if not math.isfinite(value):
+                    bad = f"the loss is {value}"
+                run["loss"] += value * len(y)
                 run["correct"] += (logits.argmax(1) == y).sum().item()
                 run["n"] += len(y)
                 run["steps"] += 1
                 run["time"] += time.perf_counter() - t0
-                if _any_rank(interrupted["flag"], d):
-                    if d.main:
+                stop = (interrupted["flag"], bad is not None)
+                if d.world > 1:  # one collective for both: every rank stops at the same step
+                    stop = tuple(v > 0 for v in _all_reduce_sum([float(stop[0]), float(stop[1])], d))
+                if stop[1]:
+                    raise diverged(bad or "the loss is not finite on another rank", epoch, step)
+                if stop[0]:
+                    def save_interrupted():
+                        what = _nonfinite_param(model)
+                        if what:
+                            raise diverged(what, epoch, step)
                         checkpoint(epoch, step + 1, run, ckpt_path)
+                    _on_rank0(d, save_interrupted)
                     raise TrainingInterrupted(ckpt_path if d.main else None)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{run['loss'] / run['n']:.3f}", acc=f"{run['correct'] / run['n']:.3f}")
@@ -662,17 +1165,36 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
                 for h in hooks.epoch_end:
                     rec.update(h(model, epoch + 1))
                 model.train()
-            history.append(rec)
             is_best = test_acc > best_acc
+
+            def save_epoch():
+                what = _nonfinite_param(model) or next(
+                    (f"{k} is {v}" for k, v in rec.items()
+                     if isinstance(v, float) and not math.isfinite(v)), None)
+                if what:
+                    raise diverged(what, epoch)
+                records.append(rec)
+                try:  # best.pt, then last.pt, then the metrics (which the checkpoint also holds)
+                    if is_best:
+                        checkpoint(epoch + 1, 0, None, out / "best.pt")
+                    checkpoint(epoch + 1, 0, None, ckpt_path)
+                except BaseException:
+                    records.pop()
+                    raise
+                atomic_write_text(out / "metrics.jsonl", _jsonl(records))
+            best_before = best_acc
             best_acc = max(best_acc, test_acc)
-            if d.main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                checkpoint(epoch + 1, 0, None, ckpt_path)
-                if is_best:
-                    checkpoint(epoch + 1, 0, None, out / "best.pt")
-                if progress if log is None else log:
-                    print(_summary_line(rec, cfg.epochs), flush=True)
+            try:
+                _on_rank0(d, save_epoch)
+            except BaseException:
+                best_acc = best_before
+                raise
+            if not d.main:
+                records.append(rec)
+            last_saved = (epoch + 1, 0)
+            history.append(rec)
+            if d.main and (progress if log is None else log):
+                print(_summary_line(rec, cfg.epochs), flush=True)
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
                 break
@@ -687,10 +1209,12 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
         digests = [None] * d.world
         dist.all_gather_object(digests, _params_digest(model))
         in_sync = len(set(digests)) == 1
-    if d.main:
+
+    def finish():
         save_model(model, out / "model")
-        summary = {"best_acc": best_acc, "epochs": len(history), "world_size": d.world, "ranks_in_sync": in_sync}
+        summary = {"best_acc": best_acc, "epochs": len(records), "world_size": d.world, "ranks_in_sync": in_sync}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _on_rank0(d, finish)
     return TrainResult(model, history, best_acc, out, in_sync, d.main)
 
 
