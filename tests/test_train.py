@@ -155,3 +155,16 @@ def test_bsconv_s_mobilenet_trains_with_the_penalty_logged_and_falling(tmp_path)
     assert all(p > 0 for p in pen) and pen[-1] < pen[0]
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["bsconv_alpha"] == 0.1
+
+
+def test_under_torchrun_an_error_is_said_once_not_once_per_rank(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"someone else's run")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29618", "-m", "sepconv", "train", "--model", "simple_cnn",
+                          "--width", "0.5", "--image-size", "16", "--epochs", "1", "--no-progress", "--out", str(out)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode != 0
+    assert ddp.stderr.count("sepconv train: error:") == 1, ddp.stderr[-2000:]
+    assert "--force" in ddp.stderr and (out / "last.pt").read_bytes() == b"someone else's run"

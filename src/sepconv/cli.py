@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import ConfigError, SepconvError
+from .errors import ConfigError, ResourceError, SepconvError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -371,7 +371,7 @@ def _spectrum_plot(path: str, records, model, shape, layer: str | None) -> str:
         spec = ConvSpec.of(mod, in_shape[-2:])
         try:
             sv, what = singular_values(w, spec), "exact"
-        except ConfigError:  # not circulant and too large: the majorant's spectrum dominates index by index
+        except (ConfigError, ResourceError):  # not circulant and too large: the majorant's spectrum dominates index by index
             maj, kernel, grid = _majorant_kernel(w, spec)
             sv, what = maj.factor * all_block_singular_values(kernel, grid), "circulant majorant (upper bound per index)"
         ax2.semilogy(sv.numpy() if sv.numel() else [], lw=1)
@@ -592,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except SepconvError as e:
+        if _other_rank():  # under torchrun every rank raises the same error: rank 0 says it once
+            return EXIT_BAD_INPUT
         return fail(str(e))
     except BrokenPipeError:  # `sepconv models | head`: the reader left; say so once, quietly
         _silence_stdout()
@@ -607,6 +609,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e})" if str(e) else ""
         print(f"sepconv {args.command}: interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _other_rank() -> bool:
+    """A process of a torchrun job other than rank 0."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _silence_stdout() -> None:

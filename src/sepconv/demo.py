@@ -653,7 +653,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(SECTIONS), desc="demo", unit="section", dynamic_ncols=True)
+        bar = tqdm(total=len(SECTIONS), desc="demo", unit="section", dynamic_ncols=True, disable=None)
     ctx = Context(out, budget, data, data_dir, device,
                   progress=(lambda m: bar.set_postfix_str(m)) if bar is not None else (lambda m: None),
                   bars=bar is not None)

@@ -125,7 +125,7 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
-    head = _read_head(path, "weights file")
+    head = read_head(path, "weights file")
     if _is_safetensors(head, path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -156,18 +156,20 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def _read_head(path: Path, what: str, n: int = 16) -> bytes:
-    """The first ``n`` bytes of ``path``; a missing, unreadable or non-regular file is a
-    :class:`WeightsError` that says which of these it is."""
+def read_head(path: Path, what: str, n: int = 16, error: type[SepconvError] = WeightsError,
+              missing: str | None = None) -> bytes:
+    """The first ``n`` bytes of ``path`` (to tell its format); a missing, unreadable or
+    non-regular file is an ``error`` that says which of these it is (``missing``: the words for
+    a missing file, default "no such WHAT")."""
     try:
         with open(path, "rb") as f:
             return f.read(n)
     except FileNotFoundError:
-        raise WeightsError(f"{path}: no such {what}") from None
+        raise error(f"{path}: {missing or 'no such ' + what}") from None
     except IsADirectoryError:
-        raise WeightsError(f"{path}: is a directory, not a {what}") from None
+        raise error(f"{path}: is a directory, not a {what}") from None
     except OSError as e:
-        raise WeightsError(f"{path}: cannot read the {what} ({os_reason(e)})") from None
+        raise error(f"{path}: cannot read the {what} ({os_reason(e)})") from None
 
 
 def _is_safetensors(head: bytes, path: Path) -> bool:

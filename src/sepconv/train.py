@@ -64,10 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, OutputError, SepconvError, WeightsError
+from .errors import CheckpointError, ConfigError, OutputError, WeightsError
 from .guard import check_finite, os_reason, writable_dir
-from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_text, remove_stale_temporaries,
-                 save_model)
+from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_text, read_head,
+                 remove_stale_temporaries, save_model)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -475,6 +475,19 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), owned)
 
 
+def _close_process_group() -> None:
+    """Meet every rank, then destroy the process group: a rank that destroyed its gloo connections
+    while another was still using them aborted both ("terminate called without an active
+    exception"). The barrier is bounded, so a rank that died cannot hang the others here."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with contextlib.suppress(RuntimeError):
+        dist.monitored_barrier(timeout=timedelta(seconds=120))
+    dist.destroy_process_group()
+
+
 def _all_reduce_sum(values: list[float], d: _Dist) -> list[float]:
     if d.world == 1:
         return values
@@ -768,15 +781,7 @@ _CHECKPOINT_ENTRIES = {"config": (dict, "a dict"), "model": (dict, "a state dict
 def _read_checkpoint(path: Path) -> dict:
     """A checkpoint read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and
     dicts only; a file that needs more (a pickled object, a code payload) is refused unread."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint to resume from") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({os_reason(e)})") from None
+    head = read_head(path, "checkpoint", 4, CheckpointError, missing="no checkpoint to resume from")
     if not head:
         raise CheckpointError(f"{path}: is empty, not a checkpoint")
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
@@ -997,9 +1002,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, resume: bool = False, pr
                                  device, d, out, out / "last.pt")
     finally:
         if d.owned:  # a process group left to the interpreter's exit can abort it (gloo's threads)
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _close_process_group()
 
 
 def _train_locked(cfg: TrainConfig, hooks: Hooks | None, resume: bool, force: bool, progress: bool,
@@ -1229,7 +1232,8 @@ def _progress(it, enabled: bool, desc: str, total: int, initial: int):
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+    return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True,
+                disable=None)  # None: a bar on a terminal only, no residue in a log file
 
 
 def _summary_line(rec: dict, epochs: int) -> str:

@@ -31,7 +31,7 @@ from PIL import EpsImagePlugin, Image
 from sepconv.data import load_dataset, read_idx, read_image, safe_unpickle
 from sepconv.errors import ConfigError, DataError, DataNotFoundError, ResourceError, SepconvError
 
-from .conftest import assert_one_line, run_cli
+from .conftest import assert_one_line, run_cli, unprivileged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,21 +84,6 @@ def deadline(seconds: int = 20):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-@contextlib.contextmanager
-def unprivileged():
-    """The body runs without the power to ignore permission bits: as ``nobody`` when we are root."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 @pytest.fixture

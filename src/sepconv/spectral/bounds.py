@@ -2,7 +2,8 @@
 
 Every bound here is **certified** for every geometry (a mathematical upper bound on the true
 largest singular value of the map ``nn.Conv2d`` computes), differentiable in the weight,
-and cheap; :func:`reshape_norm` is the exception -- neither a bound nor exact.
+and cheap; :func:`reshape_norm` is the exception -- neither a bound nor exact. Arguments are
+validated (:mod:`sepconv.spectral.validate`); half and bfloat16 weights are computed in float32.
 
 All of them go through :func:`sepconv.spectral.fourier.majorant`: a circulant operator ``M``
 (and a factor ``f``: row repetitions, the norm of a reflect/replicate padding map) with
@@ -16,18 +17,25 @@ import math
 import torch
 from torch import Tensor
 
-from . import fourier
+from ..errors import ConfigError
+from . import fourier, validate
 from .spec import ConvSpec
 
 
-def _majorant_kernel(weight: Tensor, spec: ConvSpec) -> tuple[fourier.Majorant, Tensor, tuple[int, int]]:
-    kh, kw = spec.check(weight)
+def _majorant_kernel(weight: Tensor, spec: ConvSpec, where: str = "fft_bound", max_memory: float | None = None,
+                     kind: str = "max") -> tuple[fourier.Majorant, Tensor, tuple[int, int]]:
+    """The majorant, its stride-1 kernel and grid, after the memory of the problem on that grid
+    (:func:`fourier.problem_bytes`) was checked against ``max_memory``."""
+    kh, kw = spec.check(weight, name=f"{where}: weight")
     maj = fourier.majorant(spec, (kh, kw))
+    nbytes = fourier.problem_bytes(weight, maj.grid, maj.stride, spec.dilation, spec.groups, kind)
+    validate.check_memory(nbytes, f"{where}: the frequency blocks of the conv {tuple(weight.shape)} "
+                          f"{spec.describe((kh, kw))} on its {maj.grid[0]}x{maj.grid[1]} circulant grid", max_memory)
     kernel = fourier.circulant_kernel(weight, maj.stride, spec.dilation, spec.groups)
     return maj, kernel, (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
 
 
-def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6) -> Tensor:
+def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_memory: float | None = None) -> Tensor:
     """Circular-embedding bound ``f * max_w sigma_max(K^(w))`` on the majorant's grid.
 
     Zero padding: the layer is a submatrix of the strided circular convolution on
@@ -38,16 +46,20 @@ def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6) -> Tensor:
     Thm. 6, with the polyphase form for stride). The block maximum is certified per
     frequency (:func:`fourier.block_max`, relative ``tol``); differentiable through the
     maximising block. Computed in the weight's precision: float64 weights make the guarantee
-    hold beyond float32 rounding (~1e-6 relative).
+    hold beyond float32 rounding (~1e-6 relative); half/bfloat16 weights are computed in float32.
+    ``0 < tol < 1``; the grid's memory is estimated first and refused above ``max_memory``
+    bytes (default 2 GiB).
     """
-    maj, kernel, grid = _majorant_kernel(weight, spec)
+    weight, _ = validate.conv_weight(weight, spec, "fft_bound")
+    tol = validate.tolerance(tol, "fft_bound")
+    maj, kernel, grid = _majorant_kernel(weight, spec, "fft_bound", max_memory)
     top = fourier.block_max(kernel.detach(), grid, tol)
     value = fourier.block_value(kernel, grid, top.freq, top.group, top.value)
     # the certified side: the block maximum may exceed the argmax block by tol (rounding of ~1e-16)
     return maj.factor * value * (math.sqrt(top.upper / top.value) if top.value > 0 else 1.0)
 
 
-def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6) -> Tensor:
+def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6, max_memory: float | None = None) -> Tensor:
     """Gram iteration bound (Delattre, Barthelemy, Araujo, Allauzen, ICML 2023, arXiv 2305.16173,
     Alg. 2 / Thm. 3) on the majorant's frequency blocks, times ``f``: a **certified upper bound**.
 
@@ -56,10 +68,13 @@ def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6) -> Tensor:
     (super-linear convergence); Frobenius rescaling with the logarithms carried separately
     keeps it finite. The first step is the Gram block ``K^(w)^H K^(w)`` itself (computed from
     the spatial Gram kernel when cheaper). Differentiable through the maximising block.
+    ``1 <= iters <= 64`` (it converges in a handful); half/bfloat16 weights are computed in
+    float32; the grid's memory is estimated first and refused above ``max_memory`` bytes
+    (default 2 GiB).
     """
-    if iters < 1:
-        raise ValueError(f"gram_iteration: iters must be >= 1, got {iters}")
-    maj, kernel, grid = _majorant_kernel(weight, spec)
+    weight, _ = validate.conv_weight(weight, spec, "gram_iteration")
+    iters = validate.count(iters, "gram_iteration", "iters", 1, 64)
+    maj, kernel, grid = _majorant_kernel(weight, spec, "gram_iteration", max_memory, kind="gram")
 
     def schatten(G: Tensor) -> Tensor:
         log_scale = torch.zeros(G.shape[:-2], dtype=G.real.dtype, device=G.device)
@@ -118,8 +133,9 @@ def fantastic_four_terms(weight: Tensor, spec: ConvSpec) -> Tensor:
     padding, any stride and dilation, independently of the input size; for reflect/replicate
     padding and repeated circular outputs it is multiplied by the majorant factor (the norm of
     the padding map / row repetition). A grouped conv is block-diagonal, so each bound is the
-    maximum over groups. Differentiable.
+    maximum over groups. Differentiable; half/bfloat16 weights are computed in float32.
     """
+    weight, _ = validate.conv_weight(weight, spec, "fantastic_four_terms")
     return _fantastic_four_groups(weight, spec).max(1).values
 
 
@@ -127,8 +143,10 @@ def fantastic_four(weight: Tensor, spec: ConvSpec) -> Tensor:
     """Fantastic Four bound ``sqrt(h w) min(||R||, ||S||, ||T||, ||U||)`` (Singla & Feizi, ICLR 2021,
     arXiv 1911.10258, Thm. 1), the smallest of the four per group, maximised over groups (the
     operator is block-diagonal): a **certified upper bound** for zero and circular padding, any
-    stride and dilation (see :func:`fantastic_four_terms`). Differentiable.
+    stride and dilation (see :func:`fantastic_four_terms`). Differentiable; half/bfloat16 weights
+    are computed in float32. Independent of the input size (``O(1)`` in it).
     """
+    weight, _ = validate.conv_weight(weight, spec, "fantastic_four")
     return _fantastic_four_groups(weight, spec).min(0).values.max()
 
 
@@ -136,5 +154,11 @@ def reshape_norm(weight: Tensor) -> Tensor:
     """``||W.reshape(C_out, -1)||_2``: the value ``torch.nn.utils.parametrizations.spectral_norm``
     converges to (Miyato et al. 2018). **Neither a bound nor exact** for spatial kernels: for
     depthwise layers it lies anywhere in ``[sigma/k, sqrt(C) sigma]`` (reference/spectral.md
-    Sec. 8); exact only for 1x1 convolutions without groups. Reported for comparison."""
+    Sec. 8); exact only for 1x1 convolutions without groups. Reported for comparison.
+    Half/bfloat16 weights are computed in float32."""
+    weight = validate.tensor(weight, "reshape_norm")
+    if weight.dim() < 2 or weight.numel() == 0:
+        raise ConfigError(f"reshape_norm: expected a non-empty weight with at least 2 dimensions, got {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ConfigError("reshape_norm: weight holds NaN or Inf values")
     return torch.linalg.matrix_norm(weight.reshape(weight.shape[0], -1), ord=2)

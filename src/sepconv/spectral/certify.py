@@ -21,26 +21,15 @@ matrices of one kernel tap (padding, stride and dilation included),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import _TORCH_PAD_MODE, ConvSpec
+from .spec import ConvSpec, tap_matrices_1d, tap_sources_1d
 
 
-def tap_matrices_1d(n: int, k: int, s: int, d: int, lo: int, hi: int, mode: str, dtype=torch.float64) -> Tensor:
-    """``(k, n_out, n)``: ``P_a[y, x]`` = how many times input ``x`` is read by output ``y`` through
-    tap ``a`` along one dimension (the padding map ``J`` composed with the tap's selection)."""
-    eye = torch.eye(n, dtype=dtype)[None]  # (1, n, n): row x is e_x
-    J = F.pad(eye, (lo, hi), mode=_TORCH_PAD_MODE[mode])[0].T if (lo or hi) else eye[0]  # (n_pad, n)
-    n_out = (n + lo + hi - d * (k - 1) - 1) // s + 1
-    y = torch.arange(n_out)
-    return torch.stack([J[s * y + d * a] for a in range(k)])
-
-
-def _row_taps(weight: Tensor, spec: ConvSpec) -> Tensor:
+def _row_sources(weight: Tensor, spec: ConvSpec) -> Tensor:
     kh = weight.shape[-2]
     t, b = spec.pads(weight.shape[-2:])[:2]
-    return tap_matrices_1d(spec.in_size[0], kh, spec.stride[0], spec.dilation[0], t, b, spec.padding_mode)
+    return tap_sources_1d(spec.in_size[0], kh, spec.stride[0], spec.dilation[0], t, b, spec.padding_mode)
 
 
 def _band(Sh: Tensor) -> int:
@@ -48,13 +37,27 @@ def _band(Sh: Tensor) -> int:
     return int((nz[:, 0] - nz[:, 1]).abs().max()) if nz.numel() else 0
 
 
+def band_of(sources: Tensor) -> int:
+    """The block bandwidth of ``A = T^T T`` from the row sources (:func:`~.spec.tap_sources_1d`):
+    the largest distance between two input rows read by one output row (padding zeros excluded).
+    Exact, ``O(k^2 n)`` -- equal to :func:`_band` of the ``(k, k, H, H)`` row products."""
+    valid = sources >= 0
+    if not bool(valid.any()):
+        return 0
+    big, small = sources.masked_fill(~valid, -1).amax(0), sources.masked_fill(~valid, 2**62).amin(0)
+    seen = valid.any(0)
+    return int((big - small)[seen].max())
+
+
 def certificate_cost(weight: Tensor, spec: ConvSpec) -> tuple[float, float]:
-    """``(flops, bytes)`` of :class:`BandedGram` + :func:`cholesky_certificate`, without building it."""
-    Ph = _row_taps(weight, spec)
-    B = _band(torch.einsum("ayx,byz->abxz", Ph, Ph))
-    g, H, kh = spec.groups, spec.in_size[0], weight.shape[-2]
-    m = float(weight.shape[1] * spec.in_size[1])
-    return g * H * (1 / 3 + B + B * B + 1) * m ** 3, 8.0 * g * (kh * kh + (B + 1) ** 2 + 2) * m ** 2
+    """``(flops, bytes)`` of :class:`BandedGram` + :func:`cholesky_certificate`, without building
+    anything larger than the kernel (the band from the tap sources, ``O(k^2 H)``). The bytes count
+    the ``Q`` blocks (and their reordering copy), the row/column tap products and the kept factor rows."""
+    B = band_of(_row_sources(weight, spec))
+    g, (H, W), (kh, kw) = spec.groups, spec.in_size, weight.shape[-2:]
+    m = float(weight.shape[1] * W)
+    taps = 8.0 * (kh * kh * H * H + kw * kw * W * W)
+    return g * H * (1 / 3 + B + B * B + 1) * m ** 3, 8.0 * g * (2 * kh * kh + (B + 1) ** 2 + 2) * m ** 2 + taps
 
 
 class BandedGram:

@@ -28,19 +28,27 @@ from ..errors import ConfigError, UnsupportedLayerError
 from .spec import ConvSpec
 
 
-def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """Per-channel slope ``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (exact)."""
+def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm, name: str = "") -> Tensor:
+    """Per-channel slope ``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (exact).
+    Refuses (naming the layer ``name``) statistics without a linear map: none recorded, NaN/Inf,
+    or ``running_var + eps <= 0`` (a variance is never negative)."""
+    what = f"{type(bn).__name__}{f' {name!r}' if name else ''}"
     if bn.running_var is None:
-        raise UnsupportedLayerError(f"{type(bn).__name__} without running statistics has no fixed linear map")
-    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+        raise UnsupportedLayerError(f"{what} without running statistics has no fixed linear map")
+    var = bn.running_var.detach() + bn.eps
+    if not bool(torch.isfinite(var).all()) or (bn.weight is not None and not bool(torch.isfinite(bn.weight).all())):
+        raise ConfigError(f"{what}: running_var or weight holds NaN or Inf values")
+    if not bool((var > 0).all()):
+        raise ConfigError(f"{what}: running_var + eps must be positive, got {float(var.min()):.3g}")
+    scale = torch.rsqrt(var)
     return scale * bn.weight.detach() if bn.weight is not None else scale
 
 
-def batchnorm_lipschitz(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+def batchnorm_lipschitz(bn: nn.modules.batchnorm._BatchNorm, name: str = "") -> Tensor:
     """Lipschitz constant of an eval-mode BatchNorm: ``max_c |gamma_c| / sqrt(var_c + eps)``.
     **Exact** (the map is diagonal; Gouk et al. 2021, arXiv 1804.04368, Sec. 3). Train-mode
     BatchNorm depends on the batch and has no such constant."""
-    return batchnorm_scale(bn).abs().max()
+    return batchnorm_scale(bn, name).abs().max()
 
 
 def linear_norm(linear: nn.Linear) -> Tensor:

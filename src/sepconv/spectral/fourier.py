@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from . import validate
 from .spec import ConvSpec, norm_of_padding
 
 #: Memory budget (bytes) of one chunk of per-frequency blocks.
@@ -545,9 +546,9 @@ def _majorant(spec: ConvSpec, kernel_size: tuple[int, int]) -> Majorant:
             stride.append(s)
             continue
         if spec.padding_mode == "circular":
-            # y[i] = z[(s i) mod n] for the stride-1 circular convolution z (shift absorbed)
-            counts = torch.bincount((s * torch.arange(ho)) % n, minlength=n)
-            mult *= int(counts.max())
+            # y[i] = z[(s i) mod n] for the stride-1 circular convolution z (shift absorbed): s i mod n
+            # has period P = n / gcd(s, n) in i, so the most repeated value occurs ceil(ho / P) times
+            mult *= -(-ho // (n // math.gcd(s, n)))
             grid.append(n)
             stride.append(s if n % s == 0 else 1)
             continue
@@ -560,6 +561,40 @@ def _majorant(spec: ConvSpec, kernel_size: tuple[int, int]) -> Majorant:
         stride.append(s)
     factor = math.sqrt(mult) * (norm_of_padding(spec, kernel_size) if spec.padding_mode in ("reflect", "replicate") else 1.0)
     return Majorant(tuple(grid), tuple(stride), factor, exact)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def problem_bytes(weight: Tensor, grid: Sequence[int], stride: Sequence[int], dilation: Sequence[int], groups: int,
+                  kind: str = "max") -> int:
+    """Estimated peak bytes of one circulant problem on ``grid`` for ``weight`` (the stride-1 kernel of
+    :func:`circulant_kernel`, then): ``kind="max"`` -- :func:`block_max` (vector blocks: the power
+    spectrum of every channel; matrix blocks: the unique frequencies, the per-block scores and the
+    full-grid peak search, the spatial Gram basis, the chunks of blocks); ``"gram"`` -- the Gram
+    iteration's frequencies and chunks; ``"all"`` -- every singular value (:func:`all_block_singular_values`).
+    An estimate of the leading terms (the chunks are capped at :data:`CHUNK_BYTES`, at least one
+    frequency's blocks), made before anything is allocated."""
+    c_out, ci, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    qh, qw = -(-(dh * (kh - 1) + 1) // sh), -(-(dw * (kw - 1) + 1) // sw)
+    el = max(weight.element_size(), 4)
+    g, co, cin = groups, c_out // groups, ci * sh * sw
+    kernel = c_out * cin * qh * qw * el * (2 if (sh, sw, dh, dw) != (1, 1, 1, 1) else 0)
+    nh, nw = grid[0] // sh, grid[1] // sw
+    half, full = nh * (nw // 2 + 1), nh * nw
+    m = min(co, cin)
+    per_freq = g * max(m * m, co * cin) * 2 * el  # one frequency's complex blocks
+    chunk = 4 * max(min(CHUNK_BYTES, half * per_freq), per_freq)  # chunks of at most CHUNK_BYTES, at least one frequency
+    if kind == "all":
+        return kernel + 3 * full * g * m * 8 + 4 * full * 8 + chunk
+    freqs = 6 * half * 8  # unique_frequencies: fh, fw and the meshgrid's flattened copies and masks
+    basis = ((2 * qh - 1) * (2 * qw - 1) // 2 * 2 + 1) * g * (m * (m + 1) // 2) * 2 * el
+    if kind == "gram":
+        return kernel + freqs + basis + chunk
+    if m == 1:  # vector blocks: |K^|^2 on the half grid for every (group, out, in) pair, real and imaginary parts
+        return kernel + 3 * g * co * cin * half * el + g * half * el
+    return kernel + freqs + basis + chunk + g * half * 8 + 5 * g * full * 8
 
 
 # --------------------------------------------------------------------------- block maxima
@@ -991,9 +1026,15 @@ def block_value(kernel: Tensor, grid: Sequence[int], freq: tuple[int, int], grou
 def all_block_singular_values(kernel: Tensor, grid: Sequence[int]) -> Tensor:
     """Every singular value of the circulant operator: the union over all frequencies (and
     groups) of the singular values of ``K^(w)``, sorted descending (Sedghi et al. 2019,
-    Thm. 6). Exact; a full SVD per frequency, in chunks."""
-    fh, fw = all_frequencies(grid, kernel.device)
+    Thm. 6). Exact; a full SVD per frequency, in chunks. Refused
+    (:class:`~sepconv.errors.ResourceError`) when the result and its sort would exceed the
+    default memory budget (2 GiB, :func:`sepconv.spectral.validate.budget`)."""
     g, co, ci = kernel.shape[:3]
+    n = grid[0] * grid[1]
+    validate.check_memory(3 * n * g * min(co, ci) * 8 + 4 * n * 8,
+                          f"all_block_singular_values: {n * g * min(co, ci)} singular values of {g} group(s) of "
+                          f"{co}x{ci} blocks on a {grid[0]}x{grid[1]} grid")
+    fh, fw = all_frequencies(grid, kernel.device)
     out = []
     for sl in chunks(fh.numel(), g * co * ci * kernel.element_size() * 4):
         with lapack_threads():

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+from . import validate
 from .spec import ConvSpec
 
 
 def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                    generator: torch.Generator | None = None, max_memory: float | None = None) -> tuple[Tensor, Tensor]:
     """Operator power iteration ``x <- T^T T x / ||T^T T x||`` (Gouk et al. 2018, arXiv
     1804.04368; Farnia et al. 2019, arXiv 1811.07457), ``iters`` steps from ``x`` (the
     persistent vector of a previous call, shape ``(C_in, H, W)``) or a random start.
@@ -33,19 +35,40 @@ def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor |
     layers the vector collapses onto the top channel and the others would decay into subnormal
     floats, which slow every convolution several-fold (reference/anchors.md); they contribute
     less than ``tiny`` to ``||x||^2``, so the Rayleigh quotient is unaffected.
+
+    Validated: ``0 <= iters <= 10^6``, ``x`` finite with ``C_in H W`` entries; half/bfloat16
+    weights are computed in float32 (and so are ``sigma`` and ``x``); the vectors' memory is
+    estimated first and refused above ``max_memory`` bytes (default 2 GiB).
     """
-    spec.check(weight)
+    weight, ks = validate.conv_weight(weight, spec, "power_iteration")
+    iters = validate.count(iters, "power_iteration", "iters", 0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"power_iteration: generator must be a torch.Generator, got {type(generator).__name__}")
     shape = (1, *spec.input_shape(weight))
+    validate.check_memory(vector_bytes(weight, spec, ks, weight.element_size()) * 3,
+                          f"power_iteration: the vectors of the conv {tuple(weight.shape)} {spec.describe(ks)}",
+                          max_memory)
+    if x is not None:
+        x = validate.tensor(x, "power_iteration", "x")
+        if x.numel() != math.prod(shape):
+            raise ConfigError(f"power_iteration: x has shape {tuple(x.shape)}, expected {shape[1:]} (the conv's input)")
+        peak = float(x.detach().abs().amax()) if x.numel() else 0.0  # NaN propagates
+        if not 0 < peak < math.inf:
+            raise ConfigError(f"power_iteration: x must be finite and nonzero, its largest magnitude is {peak}")
     if x is None:
         x = torch.randn(shape, generator=generator, dtype=weight.dtype, device=weight.device)
     x = x.detach().reshape(shape).to(weight.dtype)
     with torch.no_grad():
         w = weight.detach()
         for _ in range(iters):
-            x = spec.adjoint(spec.apply(x, w), w)
-            x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
-            x = x.masked_fill(x.abs() < math.sqrt(torch.finfo(x.dtype).tiny), 0.0)
-    sigma = spec.apply(x, weight).norm() / x.norm()
+            y = spec.adjoint(spec.apply(x, w), w)
+            n = y.norm()
+            y = y / n.clamp_min(torch.finfo(x.dtype).tiny)
+            y = y.masked_fill(y.abs() < math.sqrt(torch.finfo(x.dtype).tiny), 0.0)
+            x = torch.where(n > 0, y, x)  # x in the null space (a zero weight): keep it, sigma is 0
+    # norms accumulated in float64: a float32 sum over a large output loses ~1e-5 relative
+    num = torch.linalg.vector_norm(spec.apply(x, weight), dtype=torch.float64)
+    sigma = (num / torch.linalg.vector_norm(x, dtype=torch.float64)).to(weight.dtype)
     return sigma, x[0]
 
 
@@ -109,11 +132,12 @@ class Ritz:
     applications: int
 
 
-def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300) -> Ritz:
+def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300, target: float = math.inf) -> Ritz:
     """Largest eigenpairs of ``A = T^T T`` per group by block LOBPCG without preconditioner
     (Knyazev 2001, SIAM J. Sci. Comput. 23(2)), until the top residual of every group is
-    ``<= rtol * theta_1`` (then an eigenvalue lies within ``rtol theta_1`` of ``theta_1``) or
-    ``max_iter`` iterations. The search directions are applied to ``A`` explicitly each step
+    ``<= rtol * theta_1`` (then an eigenvalue lies within ``rtol theta_1`` of ``theta_1``), the
+    largest Ritz value reaches ``target`` (a lower bound good enough for the caller: e.g. within
+    ``tol`` of a certified upper bound), or ``max_iter`` iterations. The search directions are applied to ``A`` explicitly each step
     (no implicit updates of ``A P``, whose rounding would corrupt converged residuals), and the
     final Ritz values come from freshly applied vectors: they are Rayleigh quotients.
     """
@@ -125,7 +149,7 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
         theta, X, AX = rayleigh_ritz(X, AX, b)
         R = AX - X * theta[:, None, :]
         res = R.norm(dim=1)
-        if bool((res[:, 0] <= rtol * theta[:, 0].abs().clamp_min(1e-300)).all()):
+        if bool((res[:, 0] <= rtol * theta[:, 0].abs().clamp_min(1e-300)).all()) or float(theta[:, 0].max()) >= target:
             break
         W = orthonormalize(torch.cat([R, P], -1) if P is not None else R, X)
         _, Xn, AXn = rayleigh_ritz(torch.cat([X, W], -1), torch.cat([AX, op(W)], -1), b)
@@ -135,6 +159,24 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
     theta, X, AX = rayleigh_ritz(X, AX, b)
     res = (AX - X * theta[:, None, :]).norm(dim=1)
     return Ritz(theta, X, res, it, op.applications)
+
+
+def vector_bytes(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], itemsize: int = 8) -> int:
+    """Bytes of applying ``T^T T`` to one vector: the input, its padded copy, the output, the
+    transposed convolution's padded result and the cropped (or folded) copy."""
+    t, b, l, r = spec.pads(ks)
+    (H, W), c_in = spec.in_size, spec.input_shape(weight)[0]
+    pixels = c_in * H * W
+    padded = c_in * (H + t + b) * (W + l + r)
+    return itemsize * (2 * pixels + 2 * padded + weight.shape[0] * math.prod(spec.out_size(ks)))
+
+
+def lobpcg_bytes(op: GramOperator, b: int) -> int:
+    """Estimated peak bytes of :func:`lobpcg` with ``b`` vectors per group (float64): about 16
+    blocks of ``(g, D, b)`` (``X``, ``AX``, ``P``, the residuals, the search directions and their
+    images, the Rayleigh--Ritz concatenations) and the convolutions of ``2 b`` vectors at once."""
+    ks = tuple(op.weight.shape[-2:])
+    return 8 * 16 * b * op.g * op.dim + 2 * b * vector_bytes(op.weight, op.spec, ks)
 
 
 def block_size(op: GramOperator, memory_budget: float = 1.0e9, cap: int = 6) -> int:
@@ -155,5 +197,5 @@ def top_vector(op: GramOperator, ritz: Ritz) -> Tensor:
     return op.to_image(ritz.X[:, :, :1] * mask)[0]
 
 
-__all__ = ["power_iteration", "GramOperator", "lobpcg", "Ritz", "orthonormalize", "rayleigh_ritz",
+__all__ = ["power_iteration", "GramOperator", "lobpcg_bytes", "vector_bytes", "lobpcg", "Ritz", "orthonormalize", "rayleigh_ritz",
            "block_size", "random_block", "top_vector"]

@@ -36,8 +36,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnsupportedLayerError
-from . import bounds, composite, exact
+from .. import guard
+from ..errors import ConfigError, SepconvError, UnsupportedLayerError
+from . import bounds, composite, exact, validate
 from .spec import ConvSpec
 
 # --------------------------------------------------------------------------- constants
@@ -146,6 +147,110 @@ def pool_lipschitz(kind: str, in_hw: Sequence[int], out_hw: Sequence[int], kerne
     return math.sqrt(m_total * r_total)
 
 
+# --------------------------------------------------------------------------- guards
+
+
+def _check_model(model, where: str) -> nn.Module:
+    """``model`` is an ``nn.Module`` whose parameters and buffers hold finite values (not meta)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            raise ConfigError(f"{where}: layer {layer!r} has meta tensors ({name!r}: shapes only, no values); "
+                              "load the weights first")
+    guard.check_finite(model, where)
+    return model
+
+
+def _input_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point():
+        return p.dtype, p.device
+    return torch.float32, (p.device if p is not None else torch.device("cpu"))
+
+
+def _check_forward(model: nn.Module, shape: Sequence[int], where: str, max_memory: float | None,
+                   copies: float = 1.0) -> None:
+    """Estimate the peak activation memory of one forward pass on ``(1, *shape)`` on the meta device
+    (:func:`sepconv.guard.forward_memory`; at least the input itself when the model cannot run on
+    meta) and refuse it (:class:`~sepconv.errors.ResourceError`) above the budget -- before any
+    real allocation. ``copies`` accounts for extra copies the caller keeps (float64 statistics)."""
+    dtype, _ = _input_dtype(model)
+    est = guard.forward_memory(model, tuple(shape), dtype=dtype)
+    if est is None:
+        est = guard.tensor_bytes((1, *shape), dtype)
+    validate.check_memory(est * copies, f"{where}: a forward pass of {type(model).__name__} on an input of shape "
+                          f"{tuple(shape)}", max_memory)
+
+
+class _LayerStack:
+    """Forward hooks that know which layer is running, so that a failure inside the model (an input
+    with the wrong channel count, smaller than a kernel, ...) becomes one
+    :class:`~sepconv.errors.ConfigError` naming the model input and that layer."""
+
+    def __init__(self, model: nn.Module, where: str, shape: Sequence[int]):
+        self.model, self.where, self.shape = model, where, tuple(shape)
+        self.stack: list[tuple[str, nn.Module, tuple | None]] = []
+        self.hooks = []
+
+    def __enter__(self) -> "_LayerStack":
+        for name, mod in self.model.named_modules():
+            if mod is self.model:
+                continue
+            self.hooks.append(mod.register_forward_pre_hook(self._enter(name)))
+            self.hooks.append(mod.register_forward_hook(self._leave))
+        return self
+
+    def _enter(self, name: str):
+        def hook(mod, args):
+            first = args[0] if args else None
+            self.stack.append((name, mod, tuple(first.shape) if isinstance(first, Tensor) else None))
+        return hook
+
+    def _leave(self, mod, args, out):
+        if self.stack:
+            self.stack.pop()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        for h in self.hooks:
+            h.remove()
+        if exc is not None and not isinstance(exc, (SepconvError, KeyboardInterrupt, MemoryError)) and isinstance(exc, Exception):
+            raise self.error(exc) from None
+
+    def error(self, exc: BaseException, node: str | None = None) -> ConfigError:
+        reason = " ".join(str(exc).split("While executing")[0].split())[:200] or type(exc).__name__
+        where = f"{self.where}: the model input of shape {self.shape}"
+        if not self.stack:
+            at = f" (node {node!r})" if node else ""
+            return ConfigError(f"{where} fails in the model{at}: {reason}")
+        name, mod, got = self.stack[-1]
+        fits = self._misfit(mod, got)
+        if fits is None:
+            return ConfigError(f"{where} fails in layer {name!r} ({type(mod).__name__}): {reason}")
+        return ConfigError(f"{where} does not fit layer {name!r} ({type(mod).__name__}): {fits}")
+
+    @staticmethod
+    def _misfit(mod: nn.Module, got: tuple | None) -> str | None:
+        """Why the input ``got`` does not fit ``mod`` (channels, features, a kernel larger than the
+        padded input), or ``None`` when it is none of these."""
+        if got is None:
+            return None
+        if isinstance(mod, nn.Conv2d) and len(got) == 4:
+            if got[1] != mod.in_channels:
+                return f"it expects {mod.in_channels} input channels, got {got[1]}"
+            if isinstance(mod.padding, tuple):
+                ext = [d * (k - 1) + 1 for k, d in zip(mod.kernel_size, mod.dilation)]
+                if any(n + 2 * p < e for n, p, e in zip(got[2:], mod.padding, ext)):
+                    return (f"its {ext[0]}x{ext[1]} (dilated) kernel is larger than its {got[2]}x{got[3]} input "
+                            f"padded by {tuple(mod.padding)}")
+        if isinstance(mod, nn.Linear) and got[-1] != mod.in_features:
+            return f"it expects {mod.in_features} input features, got {got[-1]} (input shape {got})"
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and len(got) > 1 and got[1] != mod.num_features:
+            return f"it expects {mod.num_features} channels, got {got[1]}"
+        return None
+
+
 # --------------------------------------------------------------------------- tracing
 
 
@@ -182,8 +287,10 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once on a zero input; records each tensor node's shape and value norms."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, names: "_LayerStack | None" = None):
         super().__init__(gm)
+        self.names = names
+        self.extra_traceback = names is None  # errors are rewritten into one line naming the node
         self.shape: dict[torch.fx.Node, tuple[int, ...]] = {}
         self.norm2: dict[torch.fx.Node, float] = {}
         self.norminf: dict[torch.fx.Node, float] = {}
@@ -191,7 +298,14 @@ class _Recorder(torch.fx.Interpreter):
         self.value: dict[torch.fx.Node, object] = {}
 
     def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except SepconvError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- becomes one line naming the layer (see _LayerStack)
+            if self.names is None:
+                raise
+            raise self.names.error(e, n.name) from None
         self.value[n] = out if not isinstance(out, Tensor) else None
         if isinstance(out, Tensor) and out.is_floating_point():
             v = out.detach().to(torch.float64)
@@ -228,6 +342,11 @@ class _Ctx:
     method: str
     tol: float
     input_bound: float | None
+    max_memory: float | None = None
+
+
+#: Certified per-layer methods of :func:`lipschitz_bound`.
+BOUND_METHODS = ("upper", "fft", "gram", "fantastic4")
 
 
 class _Propagator:
@@ -237,11 +356,10 @@ class _Propagator:
         self.gm = trace(model)
         self.modules = dict(self.gm.named_modules())
         self.ctx = ctx
-        p = next(iter(model.parameters()), None)
-        x = torch.zeros(1, *input_shape, dtype=p.dtype if p is not None else torch.float32,
-                        device=p.device if p is not None else "cpu")
-        self.rec = _Recorder(self.gm)
-        with torch.no_grad():
+        dtype, device = _input_dtype(model)
+        x = torch.zeros(1, *input_shape, dtype=dtype, device=device)
+        with _LayerStack(self.gm, "lipschitz_bound", input_shape) as names, torch.no_grad():
+            self.rec = _Recorder(self.gm, names)
             self.rec.run(x)
         self.L: dict[torch.fx.Node, float] = {}
         self.chain_of: dict[torch.fx.Node, list[torch.fx.Node]] = {}
@@ -276,29 +394,36 @@ class _Propagator:
 
     # ---------------------------------------------------------------- norms
 
-    def conv_norm(self, weight: Tensor, spec: ConvSpec) -> float:
+    def conv_norm(self, weight: Tensor, spec: ConvSpec, layer: str = "") -> float:
         w = weight.detach().to(torch.float64)
-        m = self.ctx.method
-        if m == "upper":
-            return exact.bracket(w, spec, tol=self.ctx.tol, max_iter=200, lower=False).upper
-        if m == "fft":
-            return float(bounds.fft_bound(w, spec))
-        if m == "gram":
-            return float(bounds.gram_iteration(w, spec))
-        if m == "fantastic4":
-            return float(bounds.fantastic_four(w, spec))
-        raise ConfigError(f"lipschitz_bound: method must be 'upper', 'fft', 'gram' or 'fantastic4', got {m!r}")
+        m, mem = self.ctx.method, self.ctx.max_memory
+        try:
+            if m == "upper":
+                return exact.bracket(w, spec, tol=self.ctx.tol, max_iter=200, lower=False, max_memory=mem).upper
+            if m == "fft":
+                return float(bounds.fft_bound(w, spec, max_memory=mem))
+            if m == "gram":
+                return float(bounds.gram_iteration(w, spec, max_memory=mem))
+            if m == "fantastic4":
+                return float(bounds.fantastic_four(w, spec))
+        except SepconvError as e:
+            raise type(e)(f"lipschitz_bound: layer {layer!r} ({spec.describe(weight.shape[-2:])}): {e}") from None
+        raise ConfigError(f"lipschitz_bound: method must be {', '.join(map(repr, BOUND_METHODS))}, got {m!r}")
 
     def chain_factor(self, chain: list[torch.fx.Node]) -> tuple[float, str]:
         mods = [self.modules[c.target] for c in chain]
         names = "+".join(type(m).__name__ for m in mods if not isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)))
         if any(isinstance(m, nn.Conv2d) for m in mods):
-            weight, spec = composite.merge_chain(mods, self.hw(chain[0].args[0]))
-            return self.conv_norm(weight, spec), names
+            layer = ".".join(str(c.target) for c in chain)
+            try:
+                weight, spec = composite.merge_chain(mods, self.hw(chain[0].args[0]))
+            except SepconvError as e:
+                raise type(e)(f"lipschitz_bound: layer {layer!r}: {e}") from None
+            return self.conv_norm(weight, spec, layer), names
         scale = torch.ones((), dtype=torch.float64)
         for m in mods:
             if isinstance(m, nn.BatchNorm2d):
-                scale = scale * composite.batchnorm_scale(m).to(torch.float64)
+                scale = scale * composite.batchnorm_scale(m, str(chain[0].target)).to(torch.float64)
         return float(scale.abs().max()), names or "Identity"
 
     # ---------------------------------------------------------------- propagation
@@ -363,7 +488,7 @@ class _Propagator:
             self.records.append((str(n.target), "Linear", factor))
             return Lx * factor
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            factor = float(composite.batchnorm_lipschitz(mod))
+            factor = float(composite.batchnorm_lipschitz(mod, str(n.target)))
             self.records.append((str(n.target), type(mod).__name__, factor))
             return Lx * factor
         for cls, key in _MODULE_ACT.items():
@@ -488,7 +613,7 @@ class _Propagator:
 
 
 def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = "upper", tol: float = 1e-3,
-                    input_bound: float | None = None) -> float:
+                    input_bound: float | None = None, max_memory: float | None = None) -> float:
     """A **certified upper bound** on the Lipschitz constant of ``model`` (l2, one sample of
     ``input_shape = (C, H, W)``), in eval mode, by propagation over its ``torch.fx`` graph: the
     composition bound of Szegedy et al. 2014 (arXiv 1312.6199, Sec. 4.3) with the refinements
@@ -500,16 +625,38 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = 
     ``tol``), ``fft``, ``gram`` or ``fantastic4``. ``input_bound`` (``R``) is needed only for
     products of two input-dependent tensors (squeeze-excitation): the bound then holds on
     the ball ``||x|| <= R``. The model's train/eval mode is restored afterwards.
+
+    Validated before any work: the input shape (positive ints; a wrong channel count or an
+    input smaller than a kernel is a :class:`~sepconv.errors.ConfigError` naming the layer),
+    ``0 < tol < 1``, the method, a finite ``input_bound > 0``, finite weights and BatchNorm
+    statistics in every layer (:func:`sepconv.guard.check_finite`); the dry forward pass is
+    estimated on the meta device and refused above ``max_memory`` bytes (default 2 GiB), which
+    also bounds each layer's computation.
     """
-    shape = tuple(input_shape)[-3:]
-    if len(shape) != 3:
-        raise ConfigError(f"lipschitz_bound: input_shape must be (C, H, W), got {tuple(input_shape)}")
+    where = "lipschitz_bound"
+    _check_model(model, where)
+    shape = validate.shape(input_shape, where, dims=(3, 4))[-3:]
+    if method not in BOUND_METHODS:
+        raise ConfigError(f"{where}: method must be one of {', '.join(map(repr, BOUND_METHODS))}, got {method!r}")
+    tol = validate.tolerance(tol, where)
+    if input_bound is not None:
+        input_bound = _positive(input_bound, where, "input_bound")
+    validate.budget(max_memory)
     was_training = model.training
     model.eval()
     try:
-        return _Propagator(model, shape, _Ctx(method, tol, input_bound)).run()
+        _check_forward(model, shape, where, max_memory, copies=3.0)  # + the float64 copy of each node's value
+        L = _Propagator(model, shape, _Ctx(method, tol, input_bound, max_memory)).run()
     finally:
         model.train(was_training)
+    validate.finite_result(L, where)
+    return L
+
+
+def _positive(v, where: str, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < float(v) < math.inf):
+        raise ConfigError(f"{where}: {name} must be a finite number > 0, got {v!r}")
+    return float(v)
 
 
 @dataclass
@@ -526,8 +673,16 @@ class LayerRecord:
 ANALYZE_METHODS = ("exact", "upper", "fft", "gram", "fantastic4", "power", "reshape")
 
 
-def layer_inputs(model: nn.Module, input_shape: Sequence[int], types=(nn.Conv2d, nn.Linear)) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """``{name: (module, input shape)}`` for the modules of ``types``, from one eval-mode forward pass."""
+def layer_inputs(model: nn.Module, input_shape: Sequence[int], types=(nn.Conv2d, nn.Linear),
+                 max_memory: float | None = None) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """``{name: (module, input shape)}`` for the modules of ``types``, from one eval-mode forward pass
+    on zeros of ``(1, *input_shape)``. The pass is estimated first on the meta device and refused
+    (:class:`~sepconv.errors.ResourceError`) above ``max_memory`` bytes (default 2 GiB); an input
+    the model cannot take is a :class:`~sepconv.errors.ConfigError` naming the layer."""
+    where = "layer_inputs"
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    input_shape = validate.shape(input_shape, where, dims=(1, 2, 3, 4))
     seen: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
     hooks = []
     def record(name: str):
@@ -540,11 +695,11 @@ def layer_inputs(model: nn.Module, input_shape: Sequence[int], types=(nn.Conv2d,
             hooks.append(mod.register_forward_pre_hook(record(name)))
     was_training = model.training
     model.eval()
-    p = next(iter(model.parameters()), None)
+    dtype, device = _input_dtype(model)
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=p.dtype if p is not None else torch.float32,
-                              device=p.device if p is not None else "cpu"))
+        _check_forward(model, input_shape, where, max_memory)
+        with _LayerStack(model, where, input_shape), torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -553,7 +708,7 @@ def layer_inputs(model: nn.Module, input_shape: Sequence[int], types=(nn.Conv2d,
 
 
 def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str] = ANALYZE_METHODS,
-            tol: float = 1e-4, progress: bool = False) -> list[LayerRecord]:
+            tol: float = 1e-4, progress: bool = False, max_memory: float | None = None) -> list[LayerRecord]:
     """Per-layer spectral norms of every ``Conv2d`` and ``Linear`` of ``model`` at the input sizes
     they see for one input of ``input_shape = (C, H, W)``: one :class:`LayerRecord` each.
 
@@ -562,12 +717,23 @@ def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str]
     :func:`sepconv.spectral.spectral_norm` (``fft``, ``gram``, ``fantastic4``: certified;
     ``power``: an estimate from below; ``reshape``: torch's value). Linear layers: the exact
     matrix norm for every method.
+
+    Validated before any work like :func:`lipschitz_bound` (input shape, ``0 < tol < 1``, finite
+    weights and BatchNorm statistics in every layer); the dry forward pass and each layer's
+    computation stay within ``max_memory`` bytes (default 2 GiB), and a layer's error names it.
     """
-    methods = tuple(methods)
+    where = "analyze"
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
     bad = [m for m in methods if m not in ANALYZE_METHODS]
-    if bad:
-        raise ConfigError(f"analyze: unknown methods {bad}; choose from {', '.join(ANALYZE_METHODS)}")
-    layers = layer_inputs(model, tuple(input_shape)[-3:])
+    if bad or not methods:
+        raise ConfigError(f"analyze: unknown methods {bad or '(none given)'}; choose from {', '.join(ANALYZE_METHODS)}")
+    tol = validate.tolerance(tol, where)
+    _check_model(model, where)
+    shape = validate.shape(input_shape, where, dims=(1, 2, 3, 4))[-3:]
+    try:
+        layers = layer_inputs(model, shape, max_memory=max_memory)
+    except SepconvError as e:
+        raise type(e)(str(e).replace("layer_inputs:", "analyze:", 1)) from None
     items = list(layers.items())
     if progress:
         from tqdm import tqdm
@@ -575,31 +741,40 @@ def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str]
         items = tqdm(items, desc="layers", unit="layer")
     records = []
     for name, (mod, shape) in items:
-        w = mod.weight.detach().to(torch.float64)
-        if isinstance(mod, nn.Linear):
-            t = time.perf_counter()
-            v = float(torch.linalg.svdvals(w)[0])
-            dt = time.perf_counter() - t
-            records.append(LayerRecord(name, "Linear", f"{mod.in_features}->{mod.out_features}",
-                                       {m: v for m in methods}, {m: dt for m in methods}))
-            continue
-        spec = ConvSpec.of(mod, shape[-2:])
-        rec = LayerRecord(name, "Conv2d", f"{mod.in_channels}->{mod.out_channels} {spec.describe(mod.kernel_size)}")
-        if "exact" in methods or "upper" in methods:
-            t = time.perf_counter()
-            br = exact.bracket(w, spec, tol=tol)
-            dt = time.perf_counter() - t
-            for m, v in (("exact", br.lower), ("upper", br.upper)):
-                if m in methods:
-                    rec.values[m], rec.seconds[m] = v, dt
-        for m in methods:
-            if m in ("exact", "upper"):
-                continue
-            t = time.perf_counter()
-            rec.values[m] = float(exact.spectral_norm(w, spec, m))
-            rec.seconds[m] = time.perf_counter() - t
-        records.append(rec)
+        try:
+            records.append(_analyze_layer(name, mod, shape, methods, tol, max_memory))
+        except SepconvError as e:
+            raise type(e)(f"analyze: layer {name!r} ({type(mod).__name__}): {e}") from None
     return records
+
+
+def _analyze_layer(name: str, mod: nn.Module, shape: tuple[int, ...], methods: tuple[str, ...], tol: float,
+                   max_memory: float | None) -> LayerRecord:
+    w = mod.weight.detach().to(torch.float64)
+    if isinstance(mod, nn.Linear):
+        validate.check_memory(3 * w.numel() * 8, f"the SVD of the {tuple(w.shape)} weight", max_memory)
+        t = time.perf_counter()
+        v = float(torch.linalg.svdvals(w)[0])
+        dt = time.perf_counter() - t
+        return LayerRecord(name, "Linear", f"{mod.in_features}->{mod.out_features}",
+                           {m: v for m in methods}, {m: dt for m in methods})
+    spec = ConvSpec.of(mod, shape[-2:])
+    rec = LayerRecord(name, "Conv2d", f"{mod.in_channels}->{mod.out_channels} {spec.describe(mod.kernel_size)}")
+    if "exact" in methods or "upper" in methods:
+        t = time.perf_counter()
+        br = exact.bracket(w, spec, tol=tol, max_memory=max_memory)
+        dt = time.perf_counter() - t
+        for m, v in (("exact", br.lower), ("upper", br.upper)):
+            if m in methods:
+                rec.values[m], rec.seconds[m] = v, dt
+    for m in methods:
+        if m in ("exact", "upper"):
+            continue
+        t = time.perf_counter()
+        kw = {"max_memory": max_memory} if m in ("fft", "gram", "power") else {}
+        rec.values[m] = float(exact.spectral_norm(w, spec, m, **kw))
+        rec.seconds[m] = time.perf_counter() - t
+    return rec
 
 
 class Certificate(NamedTuple):
@@ -620,17 +795,42 @@ def certified_radii(model: nn.Module, loader: Iterable, lipschitz: float | None 
     ``-inf`` for a wrong one. ``L`` is :func:`lipschitz_bound` (computed from the first batch's shape
     unless given). Returns ``(radii, L)``: one pass over the loader serves every radius. A
     **certificate**, valid for every input of the loader (and, with ``input_bound``, for inputs
-    within that norm)."""
+    within that norm).
+
+    Validated: finite weights in every layer, a finite ``lipschitz >= 0`` when given, batches of
+    finite floating inputs ``(N, C, H, W)`` with ``N`` labels, and -- when ``L`` is computed here --
+    every batch of the shape it was computed for (a Lipschitz bound holds for one input size).
+    """
+    where = "certified_radii"
+    _check_model(model, where)
+    if lipschitz is not None and (isinstance(lipschitz, bool) or not isinstance(lipschitz, (int, float))
+                                  or not 0 <= float(lipschitz) < math.inf):
+        raise ConfigError(f"{where}: lipschitz must be a finite number >= 0, got {lipschitz!r}")
+    if input_bound is not None:
+        input_bound = _positive(input_bound, where, "input_bound")
     was_training = model.training
     model.eval()
-    L, radii = lipschitz, []
+    L, radii, shape = lipschitz, [], None
     try:
-        with torch.no_grad():
-            for x, y in loader:
+        with torch.no_grad(), _LayerStack(model, where, ()) as names:
+            for i, batch in enumerate(loader):
+                x, y = _batch(batch, i, where)
                 if L is None:
-                    L = lipschitz_bound(model, tuple(x.shape[1:]), method=method, input_bound=input_bound)
+                    shape = tuple(x.shape[1:])
+                    try:
+                        L = lipschitz_bound(model, shape, method=method, input_bound=input_bound)
+                    except SepconvError as e:
+                        raise type(e)(str(e).replace("lipschitz_bound:", f"{where}:", 1)) from None
                     model.eval()
-                top2 = model(x).topk(2, dim=1)
+                elif shape is not None and tuple(x.shape[1:]) != shape:
+                    raise ConfigError(f"{where}: batch {i} has inputs of shape {tuple(x.shape[1:])}, but the Lipschitz "
+                                      f"bound was computed for {shape} (pass lipschitz= to reuse one)")
+                names.shape = tuple(x.shape[1:])
+                logits = model(x)
+                if not (isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[1] >= 2):
+                    got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                    raise ConfigError(f"{where}: the model must return logits (N, classes >= 2), got {got}")
+                top2 = logits.topk(2, dim=1)
                 margin = (top2.values[:, 0] - top2.values[:, 1]).double()
                 ok = top2.indices[:, 0] == y.to(top2.indices.device)
                 r = margin / (math.sqrt(2) * L) if L > 0 else torch.where(margin > 0, math.inf, 0.0)
@@ -640,6 +840,23 @@ def certified_radii(model: nn.Module, loader: Iterable, lipschitz: float | None 
     if not radii or sum(r.numel() for r in radii) == 0:
         raise ConfigError("certified_accuracy: the loader yielded no samples")
     return torch.cat(radii), float(L)
+
+
+def _batch(batch, i: int, where: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of one loader batch, checked: finite floating inputs ``(N, ...)`` and ``N`` labels."""
+    try:
+        x, y = batch
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: batch {i} must be a pair (inputs, labels), got {type(batch).__name__}") from None
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"{where}: batch {i}: inputs must be a floating tensor (N, C, H, W), got {got}")
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ConfigError(f"{where}: batch {i}: expected {x.shape[0]} labels (N,), got {got}")
+    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        raise ConfigError(f"{where}: batch {i} holds NaN or Inf inputs")
+    return x, y
 
 
 def certified_accuracy(model: nn.Module, loader: Iterable, eps: float, lipschitz: float | None = None,
@@ -657,5 +874,5 @@ def certified_accuracy(model: nn.Module, loader: Iterable, eps: float, lipschitz
     return Certificate(float((radii > -math.inf).double().mean()), float((radii > eps).double().mean()), L, float(eps))
 
 
-__all__ = ["ACTIVATION_LIPSCHITZ", "ANALYZE_METHODS", "Certificate", "LayerRecord", "analyze",
+__all__ = ["ACTIVATION_LIPSCHITZ", "ANALYZE_METHODS", "BOUND_METHODS", "Certificate", "LayerRecord", "analyze",
            "certified_accuracy", "certified_radii", "layer_inputs", "lipschitz_bound", "pool_lipschitz", "trace"]
