@@ -191,3 +191,26 @@ def test_a_plain_sequential_converts_without_an_input_size(capsys, tmp_path, mon
     assert "FLOPs unknown" in out
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["totals"]["flops_before"] is None and rep["totals"]["mean_output_error"] < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["features.0.weight", "classifier.weight", "features.4.running_mean"])
+def test_non_finite_weights_are_named_by_layer_in_spectrum(capsys, tmp_path, saved, layer):
+    sd = load_model(saved).state_dict()
+    sd[layer].view(-1)[-1] = float("inf")
+    save_file(sd, tmp_path / "w.safetensors")
+    code, out, err = run_cli(capsys, "spectrum", saved, *SMALL, "--weights", tmp_path / "w.safetensors")
+    assert_one_line(code, err, layer.rsplit(".", 1)[0], "inf")
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "--seed", "1e17"], ["--seed", "1e17"]),
+    (["train", "--seed", "ten"], ["--seed"]),
+    (["spectrum", "simple_cnn", "--input-size", "0", "8"], ["--input-size"]),
+    (["spectrum", "simple_cnn", "--tol", "nan"], ["--tol"]),
+    (["convert", "simple_cnn", "--rank", "0"], ["--rank"]),
+    (["convert", "simple_cnn", "--energy", "inf"], ["--energy"]),
+])
+def test_numbers_that_are_not_numbers_are_usage_errors(capsys, tmp_path, argv, words):
+    code, _, err = run_cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] != "spectrum" else []))
+    assert_one_line(code, err, *words)
