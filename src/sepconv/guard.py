@@ -93,12 +93,12 @@ def memory_budget() -> int:
 
 def check_memory(nbytes: float, what: str, budget: int | None = None, hint: str = "") -> None:
     """Refuse (:class:`~sepconv.errors.ResourceError`) when ``what`` needs more than ``budget`` bytes
-    (default :func:`memory_budget`), with the estimate in the message."""
-    source = f"; set {MEMORY_ENV} to change it" if budget is None else ""
+    (default :func:`memory_budget`), with the estimate and how to change the budget in the message
+    (``hint``, e.g. which option to lower, then the environment variable)."""
     budget = memory_budget() if budget is None else budget
     if nbytes > budget:
         raise ResourceError(f"{what} needs about {format_bytes(nbytes)}, more than the memory budget of "
-                            f"{format_bytes(budget)}{source}{'; ' + hint if hint else ''}")
+                            f"{format_bytes(budget)}; {hint + ', or ' if hint else ''}set {MEMORY_ENV} to change it")
 
 
 def tensor_bytes(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:

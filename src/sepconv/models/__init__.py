@@ -14,7 +14,8 @@ parts train with ``loss + sepconv.layers.orthonormal_penalty(model)``.
 """
 
 from ._profile import Profile, count_params, profile
-from ._registry import CONV_KINDS, ModelInfo, create_model, list_models, model_info, register_model
+from ._registry import (CONV_KINDS, ModelInfo, create_model, default_input_shape, list_models, model_info,
+                        register_model)
 
 # model families (importing registers them)
 from . import mobilenet, resnet, shufflenet, simple  # noqa: F401  isort: skip
@@ -25,6 +26,7 @@ __all__ = [
     "Profile",
     "count_params",
     "create_model",
+    "default_input_shape",
     "list_models",
     "model_info",
     "profile",

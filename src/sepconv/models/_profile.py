@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from ..probe import dry_forward
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def profile(model: nn.Module, input_size: tuple[int, ...]) -> Profile:
     """Parameters and forward FLOPs of ``model`` on one input of ``input_size`` = (C, H, W).
 
     FLOPs are those ``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls and
-    convolutions, 2 FLOPs per multiply-add); elementwise ops are not counted. The model
-    is run in eval mode on a zero tensor and restored to its previous mode.
+    convolutions, 2 FLOPs per multiply-add); elementwise ops are not counted. One dry forward
+    pass (:func:`sepconv.probe.dry_forward`: eval mode, zeros, the mode restored; a model on the
+    ``meta`` device is counted without any arithmetic).
     """
-    was_training = model.training
-    model.eval()
-    p = next(iter(model.parameters()), None)
-    x = torch.zeros(1, *input_size, dtype=p.dtype if p is not None else torch.float32,
-                    device=p.device if p is not None else "cpu")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return Profile(params=count_params(model), flops=int(counter.get_total_flops()))
+    run = dry_forward(model, input_size, flops=True, where="profile")
+    return Profile(params=count_params(model), flops=run.flops)

@@ -152,3 +152,22 @@ def _build(info: ModelInfo, args: dict, meta: bool = False) -> nn.Module:
         shown = ", ".join(f"{k}={v!r:.40}" for k, v in args.items())
         raise ModelError(f"model {info.name!r} cannot be built with {shown} "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """The input ``(C, H, W)`` a model takes by default, or ``None`` when nothing tells it.
+
+    A model built by :func:`create_model` (also after a conversion or a normalization, which keep
+    its recorded config) takes its family's registered size; the channels are its ``in_chans``
+    (or its first convolution's input channels). The one resolver every tool uses: a caller that
+    gets ``None`` asks the user for the size rather than guessing one."""
+    cfg = getattr(model, "sepconv_config", None) or {}
+    name = cfg.get("name")
+    if not isinstance(name, str) or name not in _MODELS:
+        return None
+    c, h, w = _MODELS[name].input_size
+    chans = (cfg.get("kwargs") or {}).get("in_chans")
+    if not isinstance(chans, int) or isinstance(chans, bool):
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        chans = first.in_channels if first is not None else c
+    return (int(chans), int(h), int(w))

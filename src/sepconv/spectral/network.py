@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .. import guard
 from ..errors import ConfigError, SepconvError, UnsupportedLayerError
+from ..probe import LayerStack, check_forward_memory, dry_forward, input_dtype
 from . import bounds, composite, exact, validate
 from .spec import ConvSpec
 
@@ -163,94 +164,6 @@ def _check_model(model, where: str) -> nn.Module:
     return model
 
 
-def _input_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(iter(model.parameters()), None)
-    if p is not None and p.is_floating_point():
-        return p.dtype, p.device
-    return torch.float32, (p.device if p is not None else torch.device("cpu"))
-
-
-def _check_forward(model: nn.Module, shape: Sequence[int], where: str, max_memory: float | None,
-                   copies: float = 1.0) -> None:
-    """Estimate the peak activation memory of one forward pass on ``(1, *shape)`` on the meta device
-    (:func:`sepconv.guard.forward_memory`; at least the input itself when the model cannot run on
-    meta) and refuse it (:class:`~sepconv.errors.ResourceError`) above the budget -- before any
-    real allocation. ``copies`` accounts for extra copies the caller keeps (float64 statistics)."""
-    dtype, _ = _input_dtype(model)
-    est = guard.forward_memory(model, tuple(shape), dtype=dtype)
-    if est is None:
-        est = guard.tensor_bytes((1, *shape), dtype)
-    validate.check_memory(est * copies, f"{where}: a forward pass of {type(model).__name__} on an input of shape "
-                          f"{tuple(shape)}", max_memory)
-
-
-class _LayerStack:
-    """Forward hooks that know which layer is running, so that a failure inside the model (an input
-    with the wrong channel count, smaller than a kernel, ...) becomes one
-    :class:`~sepconv.errors.ConfigError` naming the model input and that layer."""
-
-    def __init__(self, model: nn.Module, where: str, shape: Sequence[int]):
-        self.model, self.where, self.shape = model, where, tuple(shape)
-        self.stack: list[tuple[str, nn.Module, tuple | None]] = []
-        self.hooks = []
-
-    def __enter__(self) -> "_LayerStack":
-        for name, mod in self.model.named_modules():
-            if mod is self.model:
-                continue
-            self.hooks.append(mod.register_forward_pre_hook(self._enter(name)))
-            self.hooks.append(mod.register_forward_hook(self._leave))
-        return self
-
-    def _enter(self, name: str):
-        def hook(mod, args):
-            first = args[0] if args else None
-            self.stack.append((name, mod, tuple(first.shape) if isinstance(first, Tensor) else None))
-        return hook
-
-    def _leave(self, mod, args, out):
-        if self.stack:
-            self.stack.pop()
-
-    def __exit__(self, kind, exc, tb) -> None:
-        for h in self.hooks:
-            h.remove()
-        if exc is not None and not isinstance(exc, (SepconvError, KeyboardInterrupt, MemoryError)) and isinstance(exc, Exception):
-            raise self.error(exc) from None
-
-    def error(self, exc: BaseException, node: str | None = None) -> ConfigError:
-        reason = " ".join(str(exc).split("While executing")[0].split())[:200] or type(exc).__name__
-        where = f"{self.where}: the model input of shape {self.shape}"
-        if not self.stack:
-            at = f" (node {node!r})" if node else ""
-            return ConfigError(f"{where} fails in the model{at}: {reason}")
-        name, mod, got = self.stack[-1]
-        fits = self._misfit(mod, got)
-        if fits is None:
-            return ConfigError(f"{where} fails in layer {name!r} ({type(mod).__name__}): {reason}")
-        return ConfigError(f"{where} does not fit layer {name!r} ({type(mod).__name__}): {fits}")
-
-    @staticmethod
-    def _misfit(mod: nn.Module, got: tuple | None) -> str | None:
-        """Why the input ``got`` does not fit ``mod`` (channels, features, a kernel larger than the
-        padded input), or ``None`` when it is none of these."""
-        if got is None:
-            return None
-        if isinstance(mod, nn.Conv2d) and len(got) == 4:
-            if got[1] != mod.in_channels:
-                return f"it expects {mod.in_channels} input channels, got {got[1]}"
-            if isinstance(mod.padding, tuple):
-                ext = [d * (k - 1) + 1 for k, d in zip(mod.kernel_size, mod.dilation)]
-                if any(n + 2 * p < e for n, p, e in zip(got[2:], mod.padding, ext)):
-                    return (f"its {ext[0]}x{ext[1]} (dilated) kernel is larger than its {got[2]}x{got[3]} input "
-                            f"padded by {tuple(mod.padding)}")
-        if isinstance(mod, nn.Linear) and got[-1] != mod.in_features:
-            return f"it expects {mod.in_features} input features, got {got[-1]} (input shape {got})"
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and len(got) > 1 and got[1] != mod.num_features:
-            return f"it expects {mod.num_features} channels, got {got[1]}"
-        return None
-
-
 # --------------------------------------------------------------------------- tracing
 
 
@@ -287,7 +200,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once on a zero input; records each tensor node's shape and value norms."""
 
-    def __init__(self, gm: torch.fx.GraphModule, names: "_LayerStack | None" = None):
+    def __init__(self, gm: torch.fx.GraphModule, names: "LayerStack | None" = None):
         super().__init__(gm)
         self.names = names
         self.extra_traceback = names is None  # errors are rewritten into one line naming the node
@@ -302,7 +215,7 @@ class _Recorder(torch.fx.Interpreter):
             out = super().run_node(n)
         except SepconvError:
             raise
-        except Exception as e:  # noqa: BLE001 -- becomes one line naming the layer (see _LayerStack)
+        except Exception as e:  # noqa: BLE001 -- becomes one line naming the layer (see LayerStack)
             if self.names is None:
                 raise
             raise self.names.error(e, n.name) from None
@@ -356,9 +269,9 @@ class _Propagator:
         self.gm = trace(model)
         self.modules = dict(self.gm.named_modules())
         self.ctx = ctx
-        dtype, device = _input_dtype(model)
+        dtype, device = input_dtype(model)
         x = torch.zeros(1, *input_shape, dtype=dtype, device=device)
-        with _LayerStack(self.gm, "lipschitz_bound", input_shape) as names, torch.no_grad():
+        with LayerStack(self.gm, "lipschitz_bound", input_shape) as names, torch.no_grad():
             self.rec = _Recorder(self.gm, names)
             self.rec.run(x)
         self.L: dict[torch.fx.Node, float] = {}
@@ -645,7 +558,7 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = 
     was_training = model.training
     model.eval()
     try:
-        _check_forward(model, shape, where, max_memory, copies=3.0)  # + the float64 copy of each node's value
+        check_forward_memory(model, shape, where, validate.budget(max_memory), copies=3.0)  # + the float64 copy of each node's value
         L = _Propagator(model, shape, _Ctx(method, tol, input_bound, max_memory)).run()
     finally:
         model.train(was_training)
@@ -679,32 +592,9 @@ def layer_inputs(model: nn.Module, input_shape: Sequence[int], types=(nn.Conv2d,
     on zeros of ``(1, *input_shape)``. The pass is estimated first on the meta device and refused
     (:class:`~sepconv.errors.ResourceError`) above ``max_memory`` bytes (default 2 GiB); an input
     the model cannot take is a :class:`~sepconv.errors.ConfigError` naming the layer."""
-    where = "layer_inputs"
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
-    input_shape = validate.shape(input_shape, where, dims=(1, 2, 3, 4))
-    seen: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
-    hooks = []
-    def record(name: str):
-        def hook(mod, inp):
-            seen.setdefault(name, (mod, tuple(inp[0].shape[1:])))
-        return hook
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, types):
-            hooks.append(mod.register_forward_pre_hook(record(name)))
-    was_training = model.training
-    model.eval()
-    dtype, device = _input_dtype(model)
-    try:
-        _check_forward(model, input_shape, where, max_memory)
-        with _LayerStack(model, where, input_shape), torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return seen
+    input_shape = validate.shape(input_shape, "layer_inputs", dims=(1, 2, 3, 4))
+    return dry_forward(model, input_shape, record=tuple(types), where="layer_inputs",
+                       budget=validate.budget(max_memory)).inputs
 
 
 def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str] = ANALYZE_METHODS,
@@ -812,7 +702,7 @@ def certified_radii(model: nn.Module, loader: Iterable, lipschitz: float | None 
     model.eval()
     L, radii, shape = lipschitz, [], None
     try:
-        with torch.no_grad(), _LayerStack(model, where, ()) as names:
+        with torch.no_grad(), LayerStack(model, where, ()) as names:
             for i, batch in enumerate(loader):
                 x, y = _batch(batch, i, where)
                 if L is None:

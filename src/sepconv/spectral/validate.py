@@ -60,7 +60,7 @@ def check_memory(nbytes: float, what: str, max_memory: float | None = None) -> N
     limit = budget(max_memory)
     if nbytes > limit:
         guard.check_memory(nbytes, what, budget=int(min(limit, 2**63 - 1)),
-                           hint=f"pass max_memory (bytes) or set {guard.MEMORY_ENV} to change it")
+                           hint="pass max_memory (bytes)")
 
 
 def tolerance(tol, where: str, name: str = "tol") -> float:
