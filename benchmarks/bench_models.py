@@ -5,7 +5,7 @@ interleaved repeats."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from bsconv.pytorch import BSConvS as RefBSConvS

@@ -21,7 +21,7 @@ import resource
 import subprocess
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -15,8 +15,17 @@ import torch
 from torch import nn
 
 from benchmarks._util import interleaved, md_table
-from sepconv.spectral import ConvSpec, bracket, circulant_norm, depthwise_norms, fantastic_four, fft_bound, gram_iteration
-from sepconv.spectral import power_iteration, reshape_norm
+from sepconv.spectral import (
+    ConvSpec,
+    bracket,
+    circulant_norm,
+    depthwise_norms,
+    fantastic_four,
+    fft_bound,
+    gram_iteration,
+    power_iteration,
+    reshape_norm,
+)
 
 TITLE = "Spectral norms: exact, certified bounds, MobileNetV2 depthwise"
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -28,8 +27,14 @@ from sepconv.decompose import (
 )
 from sepconv.errors import ConfigError, DataError, UnsupportedLayerError
 from sepconv.io import load_model, save_model
-from sepconv.layers import (BSConvS, BSConvU, DepthwiseSeparableConv2d, compose_blueprint,
-                            compose_depthwise_separable, orthonormality_defect)
+from sepconv.layers import (
+    BSConvS,
+    BSConvU,
+    DepthwiseSeparableConv2d,
+    compose_blueprint,
+    compose_depthwise_separable,
+    orthonormality_defect,
+)
 from sepconv.models import create_model, profile
 
 SETTINGS = settings(max_examples=30, deadline=None)

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from sepconv.errors import ModelError, WeightsError
-from sepconv.io import (atomic_path, load_model, load_state_dict, model_from_spec, record_recipe,
-                        register_recipe, save_model)
+from sepconv.io import (
+    atomic_path,
+    load_model,
+    load_state_dict,
+    model_from_spec,
+    record_recipe,
+    register_recipe,
+    save_model,
+)
 from sepconv.models import create_model
 
 

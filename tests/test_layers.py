@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from bsconv.pytorch import BSConvS as RefBSConvS
 from bsconv.pytorch import BSConvS_ModelRegLossMixin
 from bsconv.pytorch import BSConvU as RefBSConvU

@@ -13,7 +13,6 @@ from torch import nn
 from sepconv.layers import orthonormal_penalty, penalty_sources
 from sepconv.models import create_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -5,7 +5,8 @@ geometry, spectral normalization, and conversion of trained regular convolutions
 separable ones. See the README for a tour.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("sepconv")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import ConfigError, ResourceError, SepconvError
@@ -135,7 +135,8 @@ def _model_arg(s: str) -> tuple[str, object]:
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
-    from .normalize import METHODS as SN_METHODS, MODES as SN_MODES
+    from .normalize import METHODS as SN_METHODS
+    from .normalize import MODES as SN_MODES
     from .train import OPTIMIZERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
@@ -214,7 +215,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _train_config(args) -> "TrainConfig":
+def _train_config(args) -> TrainConfig:
     from .train import TrainConfig
 
     alpha = args.bsconv_alpha
@@ -319,8 +320,8 @@ def _add_spectrum(sub) -> argparse.ArgumentParser:
 def _spectrum_input_shape(model, args) -> tuple[int, int, int]:
     from torch import nn
 
-    from .models import model_info
     from .errors import UnknownModelError
+    from .models import model_info
 
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     if first is None:

@@ -20,17 +20,16 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .report import Report, Section
-from .train import Hooks, TrainConfig, TrainResult, train
-
+from .report import Report
+from .train import Hooks, TrainConfig, train
 
 # ----------------------------------------------------------------------------- budget
 
@@ -50,7 +49,7 @@ class Budget:
     quick: bool = False
 
     @classmethod
-    def for_run(cls, quick: bool) -> "Budget":
+    def for_run(cls, quick: bool) -> Budget:
         return cls(image_size=8, epochs=1, finetune_epochs=1, mobilenet_width=0.25, timing_repeats=2,
                    train_images=480, calib_images=256, curve_ranks=(), quick=True) if quick else cls()
 
@@ -63,7 +62,7 @@ class Context:
     data_dir: str | None = None
     device: str = "cpu"
     progress: Callable[[str], None] = lambda msg: None
-    runs: dict[str, "Run"] = field(default_factory=dict)
+    runs: dict[str, Run] = field(default_factory=dict)
     bars: bool = False  # a progress bar for each training stage
 
     def config(self, name: str, **kw) -> TrainConfig:
@@ -73,7 +72,7 @@ class Context:
         base.update(kw)
         return TrainConfig(**base)
 
-    def train(self, name: str, hooks: Hooks | None = None, **kw) -> "Run":
+    def train(self, name: str, hooks: Hooks | None = None, **kw) -> Run:
         """Train (or reuse / resume) the run ``name``; see :func:`train_cached`."""
         if name not in self.runs:
             self.progress(f"training {name}")
@@ -173,7 +172,7 @@ def train_step_costs(models: dict[str, nn.Module], batch: tuple[Tensor, Tensor],
     return cost
 
 
-def eval_batches(ctx: "Context", limit: int | None = None, batch_size: int = 500):
+def eval_batches(ctx: Context, limit: int | None = None, batch_size: int = 500):
     """The test split as a list of ``(x, y)`` batches (at most ``limit`` images)."""
     from .data import load_dataset
 
@@ -225,7 +224,7 @@ def draw_certified(ax, radii: dict[str, Tensor], lips: dict[str, float]) -> None
     ax.legend()
 
 
-def input_shape(model: nn.Module, ctx: "Context") -> tuple[int, int, int]:
+def input_shape(model: nn.Module, ctx: Context) -> tuple[int, int, int]:
     return (model.sepconv_config["kwargs"]["in_chans"], ctx.budget.image_size, ctx.budget.image_size)
 
 
@@ -339,7 +338,6 @@ def _dw_pw_norms(model: nn.Module, shape: tuple[int, int, int]) -> list[dict]:
 
 def section_runkel(ctx: Context, report: Report) -> None:
     """Spectral normalization of depthwise separable convs (Runkel et al. 2021)."""
-    from .normalize import remove_spectral_normalization
     from .spectral import certified_radii, lipschitz_bound
 
     b = ctx.budget
@@ -551,8 +549,7 @@ def section_he(ctx: Context, report: Report) -> None:
 
 def section_fantastic_four(ctx: Context, report: Report) -> None:
     """Fantastic Four bounds (Singla & Feizi, ICLR 2021)."""
-    from .spectral import ConvSpec, certified_radii, fantastic_four_terms, lipschitz_bound, spectral_norm
-    from .spectral import norm_bracket
+    from .spectral import ConvSpec, certified_radii, fantastic_four_terms, lipschitz_bound, norm_bracket, spectral_norm
     from .spectral.network import layer_inputs
 
     b = ctx.budget
@@ -635,7 +632,6 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
     """Run every section and write the report; returns the path of ``report.md``. With ``readme``,
     that file's results block is rewritten from the new report (:func:`sepconv.report.update_readme`)."""
     from . import __version__
-
     from .data import load_dataset
     from .train import resolve_device
 

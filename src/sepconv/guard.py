@@ -22,8 +22,8 @@ import os
 import resource
 import tempfile
 import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -15,102 +15,46 @@ the same directory, then ``os.replace``), so an interrupted save never leaves a 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import inspect
 import json
 import os
 import pickle
-import tempfile
-import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save_model as _st_save
 from torch import nn
 
+from . import __version__
+from . import decompose as _decompose  # noqa: F401  (registers the "convert" recipe op)
+from . import normalize as _normalize  # noqa: F401  (registers the "spectral_normalize" recipe op)
 from .errors import ModelError, OutputError, SepconvError, WeightsError
+from .files import (  # re-exported: these lived here before sepconv.files
+    TMP_PATTERN,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    read_head,
+    remove_stale_temporaries,
+)
 from .guard import os_reason, writable_dir
+from .models import create_model
+from .recipes import record_recipe, register_recipe, replay
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MAX_CONFIG_BYTES", "TMP_PATTERN", "WEIGHTS_NAME", "atomic_path",
+           "atomic_torch_save", "atomic_write_text", "build_from_config", "check_config", "import_factory",
+           "load_model", "load_state_dict", "load_weights_into", "model_from_spec", "read_config", "read_head",
+           "record_recipe", "register_recipe", "remove_stale_temporaries", "save_model"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-
-# --------------------------------------------------------------------------- atomic files
-
-
-#: Name pattern of the temporary files :func:`atomic_path` writes (``.NAME.RANDOM.tmp``).
-TMP_PATTERN = ".*.*.tmp"
-_UMASK_LOCK = threading.Lock()
-
-
-def _umask() -> int:
-    with _UMASK_LOCK:  # the only portable way to read the umask is to set it
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
-
-    On any exception the temporary file is removed and ``path`` is left untouched. The new
-    file gets the permissions of a file created with ``open()`` (0666 less the umask), not
-    ``mkstemp``'s 0600. An ``OSError`` (a full disk, a read-only directory, a directory in the
-    way) becomes :class:`~sepconv.errors.OutputError` naming ``path`` and the reason.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        yield Path(tmp)
-        with open(tmp, "rb") as f:  # flush to disk before the rename
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, SepconvError):
-            raise OutputError(f"{path}: cannot write ({os_reason(e)})") from None
-        raise
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files an interrupted :func:`atomic_path` left in ``directory``
-    (``.NAME.RANDOM.tmp``); call it only where no other process is writing (e.g. under a run's
-    lock). Returns the removed paths."""
-    gone = []
-    for p in Path(directory).glob(TMP_PATTERN):
-        if p.is_file() and p.name.startswith(".") and len(p.name.split(".")) >= 4:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                gone.append(p)
-    return gone
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_path` (for checkpoints of plain tensors/dicts).
-
-    torch reports a failed write (a full disk) as ``RuntimeError: unexpected pos``; writing
-    through a Python file keeps the ``OSError`` behind it, which is what gets reported."""
-    with atomic_path(path) as tmp:
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-        except RuntimeError as e:
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
-
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; a larger one is refused unread
 
 # --------------------------------------------------------------------------- weights files
 
@@ -127,9 +71,6 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         path = path / WEIGHTS_NAME
     head = read_head(path, "weights file")
     if _is_safetensors(head, path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
@@ -156,22 +97,6 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def read_head(path: Path, what: str, n: int = 16, error: type[SepconvError] = WeightsError,
-              missing: str | None = None) -> bytes:
-    """The first ``n`` bytes of ``path`` (to tell its format); a missing, unreadable or
-    non-regular file is an ``error`` that says which of these it is (``missing``: the words for
-    a missing file, default "no such WHAT")."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(n)
-    except FileNotFoundError:
-        raise error(f"{path}: {missing or 'no such ' + what}") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a directory, not a {what}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read the {what} ({os_reason(e)})") from None
-
-
 def _is_safetensors(head: bytes, path: Path) -> bool:
     """A safetensors file starts with the little-endian length of its JSON header, then ``{``."""
     if path.suffix == ".safetensors":
@@ -181,50 +106,6 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-# --------------------------------------------------------------------------- recipes
-
-# op name -> function(model, step: dict) -> model, replaying a structural change.
-_RECIPES: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
-# op name -> module that registers it (imported lazily so io stays low in the layering)
-_RECIPE_PROVIDERS = {
-    "convert": "sepconv.decompose",
-    "spectral_normalize": "sepconv.normalize",
-}
-
-
-def register_recipe(op: str):
-    """Decorator: ``fn(model, step) -> model`` rebuilds the structure a recipe step made."""
-
-    def wrap(fn):
-        _RECIPES[op] = fn
-        return fn
-
-    return wrap
-
-
-def record_recipe(model: nn.Module, op: str, **args) -> None:
-    """Append a structural change to ``model.sepconv_config['recipe']`` (JSON-serialisable)."""
-    cfg = getattr(model, "sepconv_config", None)
-    if cfg is None:
-        cfg = {"recipe": []}
-        model.sepconv_config = cfg
-    cfg.setdefault("recipe", []).append({"op": op, **json.loads(json.dumps(args))})
-
-
-def _replay(model: nn.Module, step: dict, where: str = "config.json") -> nn.Module:
-    op = step.get("op")
-    if op not in _RECIPES and op in _RECIPE_PROVIDERS:
-        importlib.import_module(_RECIPE_PROVIDERS[op])
-    if op not in _RECIPES:
-        raise WeightsError(f"{where}: unknown op {op!r} (known: {', '.join(sorted(_RECIPE_PROVIDERS))})")
-    try:
-        return _RECIPES[op](model, step)
-    except SepconvError as e:
-        raise WeightsError(f"{where} ({op}): {_one_line(e)}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
-        raise WeightsError(f"{where} ({op}): malformed step ({type(e).__name__}: {_one_line(e)})") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -237,11 +118,6 @@ def save_model(model: nn.Module, directory: str | os.PathLike, config: dict | No
     built), or ``config`` must say how to rebuild it: ``{"factory": "pkg.mod:fn",
     "kwargs": {...}}``. Returns the directory.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_model as _st_save
-
-    import sepconv
-
     cfg = config if config is not None else getattr(model, "sepconv_config", None)
     if cfg is None or not ("name" in cfg or "factory" in cfg):
         raise ModelError(
@@ -249,7 +125,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, config: dict | No
             "sepconv.models.create_model or pass config={'factory': 'pkg.mod:fn', 'kwargs': {...}}"
         )
     directory = writable_dir(directory, "model directory")
-    full = {"format": FORMAT_VERSION, "sepconv_version": sepconv.__version__, **cfg}
+    full = {"format": FORMAT_VERSION, "sepconv_version": __version__, **cfg}
     full.setdefault("recipe", [])
     text = json.dumps(full, indent=2, sort_keys=False)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
@@ -304,8 +180,6 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
     unless ``trust_code=True`` -- a model directory is data from elsewhere. Bad structure or
     values are a :class:`~sepconv.errors.SepconvError` naming ``where``.
     """
-    from .models import create_model
-
     check_config(cfg, where)
     kwargs = cfg.get("kwargs", {})
     if "name" in cfg:
@@ -324,13 +198,12 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
             raise _config_error(where, f"factory {cfg['factory']!r} returned {type(model).__name__}, not a torch.nn.Module")
         model.sepconv_config = {"factory": cfg["factory"], "kwargs": kwargs, "recipe": []}
     for i, step in enumerate(cfg.get("recipe", [])):
-        model = _replay(model, step, f"{where}: recipe step {i}")
+        model = replay(model, step, f"{where}: recipe step {i}")
     model.sepconv_config["recipe"] = list(cfg.get("recipe", []))
     return model
 
 
 #: Largest ``config.json`` read (a real one is a few KiB).
-MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -425,8 +298,6 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
 
 def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
     """The subset of ``kwargs`` that ``fn``'s signature accepts."""
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -448,8 +319,6 @@ def model_from_spec(spec: str, *, num_classes: int | None = None, in_chans: int 
     A ``package.module:callable`` typed by the user is imported (the user asked for that code);
     a directory is data from elsewhere and is loaded with ``trust_code`` (see
     :func:`build_from_config`), off by default."""
-    from .models import create_model
-
     p = Path(spec).expanduser()
     if p.is_dir():
         model = load_model(p, trust_code=trust_code)

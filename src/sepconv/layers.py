@@ -29,7 +29,8 @@ block's projection.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import Tensor, nn

@@ -31,8 +31,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError, UnsupportedLayerError
-from .io import record_recipe, register_recipe
+from .recipes import record_recipe, register_recipe
 from .spectral import bounds, iterative
 from .spectral.exact import depthwise_channel_norms
 from .spectral.network import layer_inputs

@@ -13,8 +13,8 @@ memory budget (:func:`sepconv.guard.forward_memory`), and a failure inside the m
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +71,7 @@ class LayerStack:
         self.stack: list[tuple[str, nn.Module, tuple | None]] = []
         self.hooks = []
 
-    def __enter__(self) -> "LayerStack":
+    def __enter__(self) -> LayerStack:
         for name, mod in self.model.named_modules():
             if mod is self.model:
                 continue

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .io import atomic_path, atomic_write_text
-
+from .files import atomic_path, atomic_write_text
 
 #: A number as a reader sees one: not part of a name such as "MobileNetV2", "ResNet-20" or "8x8".
 NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.]*\w)")

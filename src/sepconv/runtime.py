@@ -27,7 +27,7 @@ TRIM_THRESHOLD = 2**31 - 1
 #: Grow the heap in steps of this much, so that growing it is rare.
 TOP_PAD = 256 * 2**20
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tune_allocator() -> bool:
     """Make glibc's malloc keep freed memory: every block comes from the heap (no ``mmap`` of its
     own, ``M_MMAP_MAX = 0``), the heap is never trimmed, and it grows by :data:`TOP_PAD` at a

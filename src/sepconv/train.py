@@ -55,9 +55,9 @@ import random
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -66,8 +66,15 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, OutputError, WeightsError
 from .guard import check_finite, os_reason, writable_dir
-from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_text, read_head,
-                 remove_stale_temporaries, save_model)
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_torch_save,
+    atomic_write_text,
+    read_head,
+    remove_stale_temporaries,
+    save_model,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -117,7 +124,7 @@ class TrainConfig:
     certify: tuple[float, ...] = ()  # l2 radii: Lipschitz bound and certified accuracy after each epoch
     extra: dict = field(default_factory=dict)  # room for later options (kept in checkpoints)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
@@ -154,7 +161,8 @@ class TrainConfig:
             bad(f"image_size must be a positive integer, got {self.image_size!r}")
         if not (self.bsconv_alpha >= 0):
             bad(f"bsconv_alpha must be >= 0, got {self.bsconv_alpha!r}")
-        from .normalize import METHODS as SN_METHODS, MODES as SN_MODES
+        from .normalize import METHODS as SN_METHODS
+        from .normalize import MODES as SN_MODES
 
         if self.sn is not None and self.sn not in SN_METHODS:
             bad(f"unknown spectral normalization {self.sn!r}; choose one of {', '.join(SN_METHODS)}")
@@ -179,7 +187,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         for key in ("milestones", "certify"):

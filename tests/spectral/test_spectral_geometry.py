@@ -20,11 +20,11 @@ from sepconv.spectral import (
     fantastic_four,
     fantastic_four_terms,
     fft_bound,
+    fourier,
     gram_iteration,
     power_iteration,
     singular_values,
 )
-from sepconv.spectral import fourier
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
                 derandomize=True)

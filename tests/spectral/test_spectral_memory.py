@@ -19,8 +19,17 @@ import pytest
 import torch
 
 from sepconv.errors import ConfigError, ResourceError
-from sepconv.spectral import ConvSpec, bracket, exact_norm, fantastic_four, fft_bound, norm_bracket, spectral_norm
-from sepconv.spectral import iterative, validate
+from sepconv.spectral import (
+    ConvSpec,
+    bracket,
+    exact_norm,
+    fantastic_four,
+    fft_bound,
+    iterative,
+    norm_bracket,
+    spectral_norm,
+    validate,
+)
 
 CHILD = r"""
 import json, resource, sys, time

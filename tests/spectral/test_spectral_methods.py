@@ -13,12 +13,13 @@ from sepconv.spectral import (
     ConvSpec,
     bracket,
     circulant_norm,
-    depthwise_norm,
     depthwise_channel_norms,
+    depthwise_norm,
     depthwise_norms,
     exact_norm,
     fantastic_four,
     fft_bound,
+    fourier,
     gram_iteration,
     norm_bracket,
     power_iteration,
@@ -26,7 +27,6 @@ from sepconv.spectral import (
     singular_values,
     spectral_norm,
 )
-from sepconv.spectral import fourier
 
 
 def rand(*shape, seed=0, dtype=torch.float64):

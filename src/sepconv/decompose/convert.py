@@ -49,17 +49,24 @@ import math
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, UnsupportedLayerError
 from ..guard import check_finite, check_memory, forward_memory
-from ..io import record_recipe, register_recipe
-from ..layers import (BSConvS, BSConvU, DepthwiseSeparableConv2d, bsconv_s_mid_channels, compose_blueprint,
-                      compose_depthwise_separable)
+from ..recipes import record_recipe, register_recipe
+from ..layers import (
+    BSConvS,
+    BSConvU,
+    DepthwiseSeparableConv2d,
+    bsconv_s_mid_channels,
+    compose_blueprint,
+    compose_depthwise_separable,
+)
 from . import factor as fz
 
 TARGETS = ("dsc", "bsconv_u", "bsconv_s", "channel")

@@ -20,7 +20,6 @@ All solvers work in float64 internally and return tensors of the weight's dtype.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

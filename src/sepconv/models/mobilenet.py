@@ -33,8 +33,8 @@ the expansion it keeps in the first large block, and the SE it adds to V3-small'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -25,7 +25,7 @@ without BN; ``"bsconv_s"`` = BSConv-S with BN between the pointwise convs and
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

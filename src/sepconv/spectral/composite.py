@@ -19,7 +19,7 @@ geometry is circulant, and its certified bracket elsewhere.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

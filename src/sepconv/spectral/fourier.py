@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -55,7 +55,7 @@ def lapack_threads(n: int = 1):
         torch.set_num_threads(old)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scipy_blas():
     """A controller of the BLAS threads of scipy/numpy (the CPU paths below)."""
     import scipy.linalg  # noqa: F401  (loads its BLAS, so that the controller sees it)
@@ -337,7 +337,7 @@ class HalfGram:
         return like.new_zeros(1 + 2 * h, g, m * (m + 1) // 2, 2)
 
     @staticmethod
-    def of(gk: Tensor) -> "HalfGram":
+    def of(gk: Tensor) -> HalfGram:
         """From a spatial Gram kernel (:func:`spatial_gram`)."""
         g, dh, dw, m, _ = gk.shape
         flat = gk.reshape(g, dh * dw, m * m)
@@ -351,7 +351,7 @@ class HalfGram:
         return HalfGram(basis.view(1 + 2 * h, -1), tuple(gk.shape))  # type: ignore[arg-type]
 
     @staticmethod
-    def of_kernel(kernel: Tensor, side: str) -> "HalfGram":
+    def of_kernel(kernel: Tensor, side: str) -> HalfGram:
         """From a stride-1 grouped kernel ``(g, co, ci, qh, qw)`` directly (as :func:`spatial_gram`,
         without the mirrored half)."""
         g, co, ci, qh, qw = kernel.shape

@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -200,7 +201,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once on a zero input; records each tensor node's shape and value norms."""
 
-    def __init__(self, gm: torch.fx.GraphModule, names: "LayerStack | None" = None):
+    def __init__(self, gm: torch.fx.GraphModule, names: LayerStack | None = None):
         super().__init__(gm)
         self.names = names
         self.extra_traceback = names is None  # errors are rewritten into one line naming the node

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ class ConvSpec:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def of(cls, conv: nn.Module, in_size: int | Sequence[int]) -> "ConvSpec":
+    def of(cls, conv: nn.Module, in_size: int | Sequence[int]) -> ConvSpec:
         """The geometry of ``conv`` (an :class:`torch.nn.Conv2d`) on inputs of ``in_size``.
 
         Padding is recorded per side exactly as the module pads (``"same"`` resolved).

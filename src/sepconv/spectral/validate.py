@@ -23,7 +23,7 @@ import math
 import numbers
 import operator
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
