@@ -100,7 +100,7 @@ def _run(quick: bool, tmp: Path) -> str:
     _forward(r50, x50)()  # warm-up (first forward of a process pays for allocations)
     rows = []
     for to in ("dsc", "bsconv_u"):
-        sec, (new, rep) = _best_of(lambda: convert(r50, to=to, rank=1, progress=False), reps)
+        sec, (_, rep) = _best_of(lambda m=r50: convert(m, to=to, rank=1, progress=False), reps)
         t = rep.totals
         rows.append([f"ResNet-50 -> {to}, rank 1, svd", t["layers"], f"{sec:.2f} s",
                      f"{t['params_before'] / 1e6:.2f}M -> {t['params_after'] / 1e6:.2f}M",
@@ -134,11 +134,12 @@ def _run(quick: bool, tmp: Path) -> str:
     _, rep_single = convert(model, to="dsc", rank=1, method="gsvd", multilayer=False, data=calib,
                             num_samples=samples, progress=False)
     t_single = time.perf_counter() - t
-    for (to, method), (new, rep) in conv.items():
+    for (to, method), (_, rep) in conv.items():
         if method == "gsvd" or to == "dsc":
             tt = rep.totals
             rows.append([f"ResNet-20 (trained) -> {to}, {'rank 1' if to != 'channel' else 'equal FLOPs'}, {method}"
-                         + (f" ({samples} images)" if method == "gsvd" else f" (errors measured on {samples} images)"), tt["layers"],
+                         + (f" ({samples} images)" if method == "gsvd" else f" (errors measured on {samples} "
+                                                                            "images)"), tt["layers"],
                          f"{tt['_time']:.2f} s", f"{tt['params_before'] / 1e3:.0f}k -> {tt['params_after'] / 1e3:.1f}k",
                          f"{tt['flops_before'] / 1e6:.1f}M -> {tt['flops_after'] / 1e6:.1f}M",
                          f"{tt['mean_output_error']:.3f}"])

@@ -53,7 +53,7 @@ def _torchlip(model: nn.Module) -> nn.Module:
     groups=1; it runs on depthwise layers, bounding their reshaped kernels); Linear by ``SpectralLinear``."""
     from deel.torchlip import SpectralConv2d, SpectralLinear
 
-    for name, mod in list(model.named_modules()):
+    for _name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, nn.Conv2d):
                 new = SpectralConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
@@ -189,7 +189,8 @@ def _cost(quick: bool, tuned: bool = False) -> str:
                       "state / operator's", "peak RSS (MiB)", "vs no SN (MiB)"], rows)
     return ("cifar_mobilenet_v2 w1.0 (2.24 M params), 3x32x32, batch 64, channels_last, SGD momentum, "
             f"{THREADS} thread(s) (see `THREADS`); "
-            f"medians of {repeats} interleaved repeats, in a fresh process. The normalizer column computes every parametrized weight "
+            f"medians of {repeats} interleaved repeats, in a fresh process. The normalizer column computes every "
+            "parametrized weight "
             "as in one training forward and back-propagates a fixed cotangent. Peak RSS: `VmHWM` of a fresh "
             "process that builds the model and runs 3 steps.\n\n" + table
             + ("\n\n" + "\n".join(f"* {n}" for n in notes) if notes else ""))
@@ -222,7 +223,7 @@ def _tightness(quick: bool) -> str:
                 model(x)
         model.eval()
         lows, highs = [], []
-        for name, (mod, inp) in layer_inputs(model, shape, types=(nn.Conv2d,)).items():
+        for mod, inp in layer_inputs(model, shape, types=(nn.Conv2d,)).values():
             if not (mod.groups == mod.in_channels and mod.in_channels > 1):
                 continue
             with torch.no_grad():
@@ -234,8 +235,10 @@ def _tightness(quick: bool) -> str:
         rows.append([m, len(lows), f"{lows[0]:.3f} / {lows[len(lows) // 2]:.3f} / {lows[-1]:.3f}",
                      f"{max(highs):.4f}", sum(v > 1.001 for v in lows), sum(v < 0.9 for v in highs)])
     return ("True norm of each depthwise layer after normalizing to target 1 (zero padding, at the input size it "
-            "sees; eval mode, after 3 training forwards; the default-initialized conv weights multiplied by 3 first, so that "
-            "every layer is above the target and each method has to act): lower end by 300 float64 power iterations on the true "
+            "sees; eval mode, after 3 training forwards; the default-initialized conv weights multiplied by 3 first, "
+            "so that "
+            "every layer is above the target and each method has to act): lower end by 300 float64 power iterations "
+            "on the true "
             "operator (per channel), upper end the certified FFT embedding bound.\n\n"
             + md_table(["method", "dw layers", "true norm (lower) min / median / max", "largest upper bound",
                         "layers above 1.001", "layers below 0.9 (upper bound)"], rows))

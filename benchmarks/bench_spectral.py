@@ -75,7 +75,8 @@ def bench_exact(quick: bool) -> str:
         with _threads(threads):
             for dtype in (torch.float32, torch.float64):
                 for c, n in cases:
-                    w = torch.randn(c, c, 3, 3, generator=torch.Generator().manual_seed(c), dtype=dtype) / (3 * c ** 0.5)
+                    gen = torch.Generator().manual_seed(c)
+                    w = torch.randn(c, c, 3, 3, generator=gen, dtype=dtype) / (3 * c ** 0.5)
                     spec = ConvSpec((n, n), 1, 1, "circular")
                     t = interleaved({"full": lambda: sedghi_full_svd(w, n), "half": lambda: sedghi_half_svd(w, n),
                                      "ours": lambda: circulant_norm(w, spec)}, repeats=3 if quick else 9)
@@ -99,10 +100,13 @@ def bench_exact(quick: bool) -> str:
             "kernels are screened by a float32 Cholesky with a rounding margin). The full SVD is torch's "
             "batched `svdvals` (MKL); `their numpy code` is the same computation as Sedghi et al.'s code "
             "(numpy `fft2` + `svd`, OpenBLAS; timed after the others, as its idle BLAS threads spin and "
-            "slow whatever runs next on 2 cores). Our LAPACK calls go to scipy's OpenBLAS, 1.5-2x faster than torch's batched "
-            "Cholesky on these AMD machines (engine internals section), on one thread; GEMMs on torch's threads. Medians of "
+            "slow whatever runs next on 2 cores). Our LAPACK calls go to scipy's OpenBLAS, 1.5-2x faster than torch's "
+            "batched "
+            "Cholesky on these AMD machines (engine internals section), on one thread; GEMMs on torch's threads. "
+            "Medians of "
             "interleaved repeats (ms).\n\n"
-            + md_table(["layer", "dtype", "threads", "full SVD", "their numpy code", "half SVD", "ours", "speed-up vs full",
+            + md_table(["layer", "dtype", "threads", "full SVD", "their numpy code", "half SVD", "ours", "speed-up vs "
+                                                                                                         "full",
                         "vs their code", "vs half", "|ours - full| / full"], rows))
 
 
@@ -162,13 +166,16 @@ def bench_tightness(quick: bool) -> str:
             t0 = time.perf_counter()
             f4 = float(fantastic_four(w, spec))
             t_f4 = time.perf_counter() - t0
-            vals = {"ours": ours.upper, "fft": float(fft_bound(w, spec)), "gram": float(gram_iteration(w, spec)), "f4": f4}
+            vals = {"ours": ours.upper, "fft": float(fft_bound(w, spec)), "gram": float(gram_iteration(w, spec)),
+                    "f4": f4}
             for k, v in vals.items():
                 ratios[k].append(v / exact)
             times["ours"].append(t_ours)
             times["f4"].append(t_f4)
-            rows.append([f"{name} ({size}x{size})", spec.describe(mod.kernel_size), f"{mod.in_channels}->{mod.out_channels}",
-                         f"{exact:.5f} ({ref.how}, {ref.upper / ref.lower - 1:.0e})", f"{vals['ours'] / exact:.5f} ({ours.how})",
+            rows.append([f"{name} ({size}x{size})", spec.describe(mod.kernel_size),
+                         f"{mod.in_channels}->{mod.out_channels}",
+                         f"{exact:.5f} ({ref.how}, {ref.upper / ref.lower - 1:.0e})", f"{vals['ours'] / exact:.5f} "
+                                                                                      f"({ours.how})",
                          f"{vals['fft'] / exact:.4f}", f"{vals['gram'] / exact:.4f}", f"{f4 / exact:.3f}",
                          f"{t_ours * 1e3:.0f}", f"{t_f4 * 1e3:.1f}"])
 
@@ -179,7 +186,8 @@ def bench_tightness(quick: bool) -> str:
          f"{statistics.median(times['ours']) * 1e3:.0f}"],
         ["circular embedding (`fft`)", f"{gm(ratios['fft']):.4f}", f"{max(ratios['fft']):.4f}", "-"],
         ["Gram iteration, 6 steps (`gram`)", f"{gm(ratios['gram']):.4f}", f"{max(ratios['gram']):.4f}", "-"],
-        ["Fantastic Four", f"{gm(ratios['f4']):.3f}", f"{max(ratios['f4']):.3f}", f"{statistics.median(times['f4']) * 1e3:.1f}"],
+        ["Fantastic Four", f"{gm(ratios['f4']):.3f}", f"{max(ratios['f4']):.3f}",
+         f"{statistics.median(times['f4']) * 1e3:.1f}"],
     ])
     return ("### Tightness on the conv layers of models trained on digits\n\n"
             "`simple_cnn` trained on sklearn's bundled 8x8 digits (" + "; ".join(accs) + "). Exact = the "
@@ -204,7 +212,7 @@ def bench_single_layers(quick: bool) -> str:
         t_ref = time.perf_counter() - t0
         exact = ref.lower
         cols = [f"{c}->{c} @{n}x{n}", f"{exact:.5f} ({ref.how}, {ref.upper / ref.lower - 1:.0e}, {t_ref:.1f} s)"]
-        for name, fn in (("ours", lambda: bracket(w, spec, tol=1e-4, certificate_flops=2e12).upper),
+        for _, fn in (("ours", lambda: bracket(w, spec, tol=1e-4, certificate_flops=2e12).upper),
                          ("fft", lambda: float(fft_bound(w, spec))), ("gram", lambda: float(gram_iteration(w, spec))),
                          ("f4", lambda: float(fantastic_four(w, spec)))):
             t0 = time.perf_counter()
@@ -216,7 +224,8 @@ def bench_single_layers(quick: bool) -> str:
             "1e-4 (LOBPCG lower end + banded Cholesky certificate); `fft` = circular embedding at N = n+1; "
             "`gram` = Gram iteration (6 steps) at the same N; `f4` = Fantastic Four. The anchors measured "
             "Gram (N = n+2) at 1.001-1.067 and F4 at 1.19-1.75 on these shapes.\n\n"
-            + md_table(["layer", "exact (certified by, bracket width, time)", "ours", "fft", "gram", "Fantastic Four"], rows))
+            + md_table(["layer", "exact (certified by, bracket width, time)", "ours", "fft", "gram", "Fantastic Four"],
+                       rows))
 
 
 # ----------------------------------------------------------------------------- 3. MobileNetV2 depthwise
@@ -327,7 +336,8 @@ def bench_grouped(quick: bool) -> str:
             "largest of its groups' norms. `norm_bracket` (ours) orders the groups by a certified bound per group "
             "(the smaller of Fantastic Four and, for depthwise, the channel's circulant majorant) and solves them "
             "by dense SVDs in batches of growing size (1, 2, 4, ...; float64, one thread) until no remaining "
-            "group's bound exceeds the best value; the baseline SVDs every group. Same value (the bracket's ends are the "
+            "group's bound exceeds the best value; the baseline SVDs every group. Same value (the bracket's ends are "
+            "the "
             "value times 1 -+ a rounding margin). Times in ms, medians of interleaved repeats, 1 thread. Last "
             "column: the iterative route that groups too large for dense SVDs take (`dense_flops=0`: block "
             "LOBPCG and the banded Cholesky certificate on the group of largest bound, then on the groups whose "
@@ -392,7 +402,8 @@ print(json.dumps({"ours": ours, "whole": whole, "t_ours": t_ours, "t_whole": t_w
 def _child(code: str, *argv) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env, check=True)
+    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env,
+                       check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -414,12 +425,14 @@ def bench_model_exact(quick: bool) -> str:
                       for name, geo, ex, lo, up, how, te, tb in rows]
     c, n = (8, 8) if quick else (16, 16)
     w = _child(_WHOLE_CHILD, c, n)
-    whole = md_table(["layer", "exact_norm (ours)", "ours (ms)", "SVD of the whole operator", "whole (s)", "speed-up"], [[
+    whole = md_table(["layer", "exact_norm (ours)", "ours (ms)", "SVD of the whole operator", "whole (s)",
+                      "speed-up"], [[
         f"dw {c}ch @{n}x{n} s1, zeros", f"{w['ours']:.6f}", f"{w['t_ours'] * 1e3:.1f}", f"{w['whole']:.6f}",
         f"{w['t_whole']:.2f}", f"**{w['t_whole'] / w['t_ours']:.{0 if w['t_whole'] > 10 * w['t_ours'] else 1}f}x**"]])
     return (f"### Exact norms of every spatial conv of MobileNetV2 (zero padding) at {sizes[0]}x{sizes[0]} and "
             f"{sizes[-1]}x{sizes[-1]}\n\n"
-            "`spectral_norm(w, spec, \"exact\")` (tol 1e-6) and `norm_bracket(w, spec)` (tol 1e-4) on the stem and the 17 "
+            "`spectral_norm(w, spec, \"exact\")` (tol 1e-6) and `norm_bracket(w, spec)` (tol 1e-4) on the stem and "
+            "the 17 "
             "depthwise convs of `create_model(\"mobilenet_v2\")` (PyTorch default init, float32 weights), each at the "
             "input size it sees (`layer_inputs`). A depthwise conv is block-diagonal: its norm is its largest "
             "channel's, so the channels are solved one at a time in the order of a certified per-channel bound "
@@ -428,7 +441,8 @@ def bench_model_exact(quick: bool) -> str:
             "channel's bound exceeds the best value; the whole layer's operator is never built. Every dense, "
             "frequency-grid and iterative route estimates its memory first and stays within `max_memory` "
             "(default 2 GiB). Fresh process per size, one thread; peak = `VmHWM` minus the resident size "
-            "after import and model creation. \"inside\" counts the layers whose exact value lies in the bracket (float32 "
+            "after import and model creation. \"inside\" counts the layers whose exact value lies in the bracket "
+            "(float32 "
             "rounding allowed, 1e-6 relative).\n\n"
             + md_table(["input", "spatial convs", "exact inside the bracket", "exact, total (s)",
                         "bracket, total (s)", "slowest exact", "peak memory (MB)"], summary)
@@ -452,7 +466,8 @@ torch.set_num_threads(2)
 w = torch.randn(c, c, 3, 3, generator=torch.Generator().manual_seed(0)) / (3 * c ** 0.5)
 base = status("VmRSS")
 t = time.perf_counter()
-v = float(circulant_norm(w, ConvSpec((n, n), 1, 1, "circular")) if which == "exact" else fft_bound(w, ConvSpec((n, n), 1, 1)))
+spec = ConvSpec((n, n), 1, 1, "circular" if which == "exact" else "zeros")
+v = float(circulant_norm(w, spec) if which == "exact" else fft_bound(w, spec))
 dt = time.perf_counter() - t
 print(json.dumps({"value": v, "seconds": dt, "peak_mb": status("VmHWM"), "base_mb": base}))
 """
@@ -467,7 +482,8 @@ def bench_memory(quick: bool) -> str:
                            text=True, env=env, check=True)
         d = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append([f"{c}->{c} 3x3 @{n}x{n}", "exact (circular)" if which == "exact" else "fft bound (zero padding)",
-                     f"{d['value']:.5f}", f"{d['seconds']:.1f}", f"{d['peak_mb']:.0f}", f"{d['peak_mb'] - d['base_mb']:.0f}"])
+                     f"{d['value']:.5f}", f"{d['seconds']:.1f}", f"{d['peak_mb']:.0f}",
+                     f"{d['peak_mb'] - d['base_mb']:.0f}"])
     return ("### Memory of a large layer\n\nPeak resident memory (`VmHWM`) of a fresh process that imports "
             "sepconv and computes one norm (frequency blocks are processed in 64 MB chunks). Goal: under ~2 GB.\n\n"
             + md_table(["layer", "method", "value", "seconds", "peak RSS (MB)", "peak - RSS before (MB)"], rows))

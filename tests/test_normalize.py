@@ -118,7 +118,8 @@ def test_matrix_norm_is_exact_in_eval_and_converges_in_training(kind, mode):
     with torch.no_grad():
         layer.weight.mul_(5)
     model = nn.Sequential(layer)
-    spectral_normalize(model, "dsc", target=2.0, mode=mode, in_size=(layer.weight.shape[1] * getattr(layer, "groups", 1), 6, 6))
+    channels = layer.weight.shape[1] * getattr(layer, "groups", 1)
+    spectral_normalize(model, "dsc", target=2.0, mode=mode, in_size=(channels, 6, 6))
     assert isinstance(layer.parametrizations.weight[0], MatrixNorm)
     model.eval()
     w = effective(layer)
@@ -131,7 +132,8 @@ def test_matrix_norm_is_exact_in_eval_and_converges_in_training(kind, mode):
     model.train()
     for _ in range(30):
         w_train = effective(layer)
-    est = float(torch.linalg.matrix_norm(w_train.double().reshape(w_train.shape[0], -1), 2)) if kind != "grouped_pointwise" \
+    est = float(torch.linalg.matrix_norm(w_train.double().reshape(w_train.shape[0], -1), 2)) \
+        if kind != "grouped_pointwise" \
         else dense_norm(w_train, ConvSpec.of(layer, (6, 6)))
     assert est == pytest.approx(2.0, rel=1e-3)
 
@@ -141,7 +143,8 @@ def test_fused_matrix_gradient_equals_autograd_of_the_formula():
     for mode in ("clip", "scale"):
         for shape in [(6, 4, 1, 1), (5, 7), (3, 2, 3, 3)]:
             W = (3 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
-            p = MatrixNorm(W.detach(), 1.0, mode) if len(shape) < 4 or shape[-1] == 1 else ReshapeNorm(W.detach(), 1.0, mode)
+            matrix = len(shape) < 4 or shape[-1] == 1
+            p = MatrixNorm(W.detach(), 1.0, mode) if matrix else ReshapeNorm(W.detach(), 1.0, mode)
             p.train()
             u0 = p.u.clone()
             g = torch.randn(shape, dtype=torch.float64)
@@ -253,7 +256,9 @@ def test_dsc_with_full_conv_fft_certifies_the_stem_and_the_recipe_round_trips(tm
     summary = spectral_normalize(model, "dsc", in_size=(1, 8, 8), full_conv="fft")
     stem = model.features[0][0]
     p = stem.parametrizations.weight[0]
-    assert isinstance(p, BoundNorm) and p.bound == "fft" and summary.certified
+    assert isinstance(p, BoundNorm) and p.method == "fft" and summary.certified
+    with pytest.warns(DeprecationWarning, match="BoundNorm.method"):  # the old name keeps working
+        assert p.bound == "fft"
     model.eval()
     true = dense_norm(effective(stem), ConvSpec.of(stem, (8, 8)))
     assert 0.9 < true <= 1 + 1e-5
@@ -319,7 +324,8 @@ def trained_dsc(tmp_path_factory):
 
 def _dw_pw(model, shape):
     for name, (mod, inp) in layer_inputs(model, shape, types=(nn.Conv2d,)).items():
-        kind = "dw" if mod.groups == mod.in_channels and mod.in_channels > 1 else "pw" if mod.kernel_size == (1, 1) else "full"
+        depthwise = mod.groups == mod.in_channels and mod.in_channels > 1
+        kind = "dw" if depthwise else "pw" if mod.kernel_size == (1, 1) else "full"
         yield name, kind, mod, ConvSpec.of(mod, inp[-2:])
 
 
@@ -351,7 +357,7 @@ def test_mobilenet_v2_norms_after_each_method(method):
         model(torch.randn(2, 1, 8, 8))
     model.eval()
     worst = 0.0
-    for name, kind, mod, spec in _dw_pw(model, (1, 8, 8)):
+    for _name, kind, mod, spec in _dw_pw(model, (1, 8, 8)):
         if kind == "full":
             continue
         true = dense_norm(effective(mod), spec)

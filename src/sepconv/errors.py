@@ -9,6 +9,26 @@ fault and the reason, in one line.
 
 from __future__ import annotations
 
+__all__ = [
+    "SepconvError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "ModelError",
+    "UnknownModelError",
+    "UnsupportedLayerError",
+    "WeightsError",
+    "CheckpointError",
+    "ResourceError",
+    "OutputError",
+    "one_line",
+]
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line (white space folded), or its type's name when it has none."""
+    return " ".join(str(e).split()) or type(e).__name__
+
 
 class SepconvError(Exception):
     """Base class of every error sepconv raises on purpose."""
@@ -58,18 +78,3 @@ class OutputError(SepconvError, OSError):
 
     def __str__(self) -> str:  # OSError would format (errno, strerror)
         return str(self.args[0]) if self.args else ""
-
-
-__all__ = [
-    "SepconvError",
-    "ConfigError",
-    "DataError",
-    "DataNotFoundError",
-    "ModelError",
-    "UnknownModelError",
-    "UnsupportedLayerError",
-    "WeightsError",
-    "CheckpointError",
-    "ResourceError",
-    "OutputError",
-]

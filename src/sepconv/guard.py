@@ -31,6 +31,21 @@ from torch.nn.parameter import is_lazy
 
 from .errors import ConfigError, OutputError, ResourceError
 
+__all__ = [
+    "MEMORY_ENV",
+    "check_finite",
+    "check_memory",
+    "format_bytes",
+    "forward_memory",
+    "memory_budget",
+    "model_bytes",
+    "os_reason",
+    "parse_bytes",
+    "tensor_bytes",
+    "writable_dir",
+    "writable_file",
+]
+
 #: Environment variable: the memory budget in bytes (suffixes K, M, G, T: powers of 1024).
 MEMORY_ENV = "SEPCONV_MEMORY_LIMIT"
 
@@ -225,19 +240,3 @@ def writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
         raise OutputError(f"{what} {p}: is a directory, not a file")
     writable_dir(p.parent, f"{what} {p}: its directory")
     return p
-
-
-__all__ = [
-    "MEMORY_ENV",
-    "check_finite",
-    "check_memory",
-    "format_bytes",
-    "forward_memory",
-    "memory_budget",
-    "model_bytes",
-    "os_reason",
-    "parse_bytes",
-    "tensor_bytes",
-    "writable_dir",
-    "writable_file",
-]

@@ -33,7 +33,7 @@ from torch import nn
 from . import __version__
 from . import decompose as _decompose  # noqa: F401  (registers the "convert" recipe op)
 from . import normalize as _normalize  # noqa: F401  (registers the "spectral_normalize" recipe op)
-from .errors import ModelError, OutputError, SepconvError, WeightsError
+from .errors import ModelError, OutputError, SepconvError, WeightsError, one_line
 from .files import (  # re-exported: these lived here before sepconv.files
     TMP_PATTERN,
     atomic_path,
@@ -74,7 +74,7 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             sd = load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
+            raise WeightsError(f"{path}: not a valid safetensors file ({one_line(e)})") from None
         return sd
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise WeightsError(f"{path}: not a weights file: neither safetensors nor a torch.save file "
@@ -84,10 +84,10 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{path}: refused to load: the file needs arbitrary unpickling, which can run code "
-            f"(only tensors/dicts are accepted; {_one_line(e)[:120]})"
+            f"(only tensors/dicts are accepted; {one_line(e)[:120]})"
         ) from None
     except Exception as e:  # zip/EOF/magic-number errors of a corrupt file
-        raise WeightsError(f"{path}: not a readable weights file ({_one_line(e)[:160]})") from None
+        raise WeightsError(f"{path}: not a readable weights file ({one_line(e)[:160]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -102,10 +102,6 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
     if path.suffix == ".safetensors":
         return True
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --------------------------------------------------------------------------- models
@@ -132,7 +128,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, config: dict | No
         try:
             _st_save(model, str(tmp))
         except SafetensorError as e:  # an I/O error (full disk) inside the Rust writer
-            raise OutputError(f"{directory / WEIGHTS_NAME}: cannot write ({_one_line(e)})") from None
+            raise OutputError(f"{directory / WEIGHTS_NAME}: cannot write ({one_line(e)})") from None
     atomic_write_text(directory / CONFIG_NAME, text + "\n")
     return directory
 
@@ -153,7 +149,8 @@ def check_config(cfg: Any, where: str = CONFIG_NAME) -> dict:
             raise _config_error(where, f"'name' must be a registry model name (a string), got {cfg['name']!r:.80}")
     elif "factory" in cfg:
         if not isinstance(cfg["factory"], str):
-            raise _config_error(where, f"'factory' must be a string 'package.module:callable', got {cfg['factory']!r:.80}")
+            raise _config_error(where, "'factory' must be a string 'package.module:callable', "
+                                       f"got {cfg['factory']!r:.80}")
     else:
         raise _config_error(where, "has neither a model 'name' nor a 'factory'")
     kwargs = cfg.get("kwargs", {})
@@ -186,7 +183,7 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
         try:
             model = create_model(cfg["name"], **kwargs)
         except SepconvError as e:
-            raise _config_error(where, _one_line(e)) from None
+            raise _config_error(where, one_line(e)) from None
     else:
         if not trust_code:
             raise WeightsError(
@@ -195,7 +192,8 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
                 "(trust_code=True) if you trust where it came from")
         model = import_factory(cfg["factory"])(**kwargs)
         if not isinstance(model, nn.Module):
-            raise _config_error(where, f"factory {cfg['factory']!r} returned {type(model).__name__}, not a torch.nn.Module")
+            raise _config_error(where, f"factory {cfg['factory']!r} returned {type(model).__name__}, "
+                                       "not a torch.nn.Module")
         model.sepconv_config = {"factory": cfg["factory"], "kwargs": kwargs, "recipe": []}
     for i, step in enumerate(cfg.get("recipe", [])):
         model = replay(model, step, f"{where}: recipe step {i}")
@@ -213,7 +211,8 @@ def read_config(directory: str | os.PathLike) -> dict:
     try:
         if not directory.is_dir():
             what = "no such model directory" if not directory.exists() else "not a model directory"
-            raise WeightsError(f"{directory}: {what} (a sepconv model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise WeightsError(f"{directory}: {what} "
+                               f"(a sepconv model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         with open(cfg_path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
@@ -225,12 +224,12 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise WeightsError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a sepconv config")
 
     def refuse_constant(name: str):
-        raise ValueError(f"{name} is not a JSON number")
+        raise ValueError(f"{name} is not a JSON number")  # NB: json's hook protocol; caught below
 
     try:
         cfg = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise WeightsError(f"{cfg_path}: not valid JSON ({_one_line(e)})") from None
+        raise WeightsError(f"{cfg_path}: not valid JSON ({one_line(e)})") from None
     return check_config(cfg, str(cfg_path))
 
 
@@ -286,7 +285,7 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ModelError(f"{spec!r}: cannot import {mod_name!r} ({_one_line(e)})") from None
+        raise ModelError(f"{spec!r}: cannot import {mod_name!r} ({one_line(e)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelError(f"{spec!r}: {mod_name} has no attribute {attr!r}")

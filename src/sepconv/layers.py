@@ -30,16 +30,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, UnsupportedLayerError
 
-IntPair = Union[int, tuple[int, int]]
-Padding = Union[str, int, tuple[int, int]]
-ModuleSpec = Union[nn.Module, Callable[..., nn.Module], None]
+__all__ = [
+    "CONV_KINDS",
+    "BSConvS",
+    "BSConvU",
+    "DepthwiseSeparableConv2d",
+    "bsconv_s_mid_channels",
+    "compose_blueprint",
+    "compose_depthwise_separable",
+    "make_spatial_conv",
+    "mark_orthonormal",
+    "orthonormal_penalty",
+    "orthonormality_defect",
+    "penalty_sources",
+]
+
+IntPair = int | tuple[int, int]
+Padding = str | int | tuple[int, int]
+ModuleSpec = nn.Module | Callable[..., nn.Module] | None
 
 #: The convolution flavours a model's spatial convolutions can take (see ``make_spatial_conv``).
 CONV_KINDS = ("regular", "dsc", "bsconv_u", "bsconv_s")
@@ -415,19 +429,3 @@ def make_spatial_conv(kind: str, in_channels: int, out_channels: int, kernel_siz
     if kind == "bsconv_s":
         return BSConvS(*args, bias=bias, padding_mode=padding_mode, p=bsconv_p, with_bn=True)
     raise ConfigError(f"unknown conv kind {kind!r}; choose one of {', '.join(CONV_KINDS)}")
-
-
-__all__ = [
-    "CONV_KINDS",
-    "BSConvS",
-    "BSConvU",
-    "DepthwiseSeparableConv2d",
-    "bsconv_s_mid_channels",
-    "compose_blueprint",
-    "compose_depthwise_separable",
-    "make_spatial_conv",
-    "mark_orthonormal",
-    "orthonormal_penalty",
-    "orthonormality_defect",
-    "penalty_sources",
-]

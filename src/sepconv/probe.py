@@ -92,7 +92,8 @@ class LayerStack:
     def __exit__(self, kind, exc, tb) -> None:
         for h in self.hooks:
             h.remove()
-        if exc is not None and not isinstance(exc, (SepconvError, KeyboardInterrupt, MemoryError)) and isinstance(exc, Exception):
+        ours = isinstance(exc, (SepconvError, KeyboardInterrupt, MemoryError))
+        if exc is not None and not ours and isinstance(exc, Exception):
             raise self.error(exc) from None
 
     def error(self, exc: BaseException, node: str | None = None) -> ConfigError:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .errors import SepconvError, WeightsError
+from .errors import SepconvError, WeightsError, one_line
 
 __all__ = ["record_recipe", "recipe_ops", "register_recipe", "replay"]
 
@@ -59,10 +59,6 @@ def replay(model: nn.Module, step: dict, where: str = "config.json") -> nn.Modul
     try:
         return _RECIPES[op](model, step)
     except SepconvError as e:
-        raise WeightsError(f"{where} ({op}): {_one_line(e)}") from None
+        raise WeightsError(f"{where} ({op}): {one_line(e)}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
-        raise WeightsError(f"{where} ({op}): malformed step ({type(e).__name__}: {_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+        raise WeightsError(f"{where} ({op}): malformed step ({type(e).__name__}: {one_line(e)})") from None

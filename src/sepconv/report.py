@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .files import atomic_path, atomic_write_text
+
+__all__ = ["NUMBER", "README_END", "README_START", "Report", "Section", "check_readme", "fmt", "json_safe", "numbers",
+           "results_summary", "update_readme"]
 
 #: A number as a reader sees one: not part of a name such as "MobileNetV2", "ResNet-20" or "8x8".
 NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.]*\w)")
@@ -73,11 +77,12 @@ class Section:
 
     def fill(self, template: str, **values: Any) -> None:
         """A paragraph from ``template`` (``str.format`` fields) with ``values`` recorded in the
-        JSON under ``data['values']``. Literal numbers in the template are refused, so that no
-        number enters the text except through the data."""
+        JSON under ``data['values']``. Literal numbers in the template are refused (a
+        :class:`~sepconv.errors.ConfigError`), so that no number enters the text except through
+        the data."""
         literal = re.sub(r"\{[^}]*\}", " ", template)
         if numbers(literal):
-            raise ValueError(f"report template has literal numbers (pass them as values): {template!r}")
+            raise ConfigError(f"report template has literal numbers (pass them as values): {template!r}")
         store = self.data.setdefault("values", {})
         for k, v in values.items():
             store[k] = json_safe(v)
@@ -105,10 +110,11 @@ class Section:
         fname = f"{self.key}_{name}.png"
 
         def render(path: Path) -> None:
-            import matplotlib
+            # NB: pyplot takes ~0.4 s to import and only writing a plot needs it, so it is imported here.
+            import matplotlib  # noqa: PLC0415
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # noqa: PLC0415
 
             fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
             draw(ax)
@@ -187,8 +193,6 @@ def results_summary(doc: dict) -> str:
 
 def check_readme(readme: str | Path) -> str:
     """The text of ``readme``; a clear error unless it has a results block to rewrite."""
-    from .errors import ConfigError
-
     readme = Path(readme)
     text = readme.read_text() if readme.is_file() else ""
     if README_START not in text or README_END not in text:

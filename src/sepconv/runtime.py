@@ -20,6 +20,8 @@ import ctypes.util
 import functools
 import os
 
+__all__ = ["TOP_PAD", "TRIM_THRESHOLD", "tune_allocator"]
+
 #: glibc ``mallopt`` parameters (``malloc.h``).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 #: Never trim the heap top (``mallopt`` takes an int).

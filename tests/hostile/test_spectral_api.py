@@ -72,7 +72,11 @@ def one_line(e: BaseException) -> str:
 
 CASES = {
     # tolerances and iteration counts
-    "norm_bracket tol=nan": (lambda: norm_bracket(w4, SPEC, tol=float("nan")), ConfigError, ["norm_bracket", "tol", "nan"]),
+    "norm_bracket tol=nan": (
+        lambda: norm_bracket(w4, SPEC, tol=float("nan")),
+        ConfigError,
+        ["norm_bracket", "tol", "nan"],
+    ),
     "norm_bracket tol=-1": (lambda: norm_bracket(w4, SPEC, tol=-1), ConfigError, ["norm_bracket", "tol"]),
     "norm_bracket tol=inf": (lambda: norm_bracket(w4, SPEC, tol=math.inf), ConfigError, ["tol", "inf"]),
     "bracket tol=2": (lambda: bracket(w4, SPEC, tol=2.0), ConfigError, ["bracket", "tol < 1"]),
@@ -83,22 +87,44 @@ CASES = {
     "bracket max_iter=0": (lambda: bracket(w4, ConvSpec((40, 40), 1, 1), max_iter=0), ConfigError, ["max_iter"]),
     "exact_norm max_iter=2.5": (lambda: exact_norm(w4, SPEC, max_iter=2.5), ConfigError, ["max_iter", "2.5"]),
     "norm_bracket max_iter=1e12": (lambda: norm_bracket(w4, SPEC, max_iter=10**12), ConfigError, ["max_iter"]),
-    "norm_bracket dense_flops=nan": (lambda: norm_bracket(w4, SPEC, dense_flops=math.nan), ConfigError, ["dense_flops"]),
+    "norm_bracket dense_flops=nan": (
+        lambda: norm_bracket(w4, SPEC, dense_flops=math.nan),
+        ConfigError,
+        ["dense_flops"],
+    ),
     "gram_iteration iters=0": (lambda: gram_iteration(w4, SPEC, iters=0), ConfigError, ["gram_iteration", "iters"]),
     "gram_iteration iters=2000": (lambda: gram_iteration(w4, SPEC, iters=2000), ConfigError, ["iters", "2000"]),
-    "power_iteration iters=-1": (lambda: power_iteration(w4, SPEC, iters=-1), ConfigError, ["power_iteration", "iters"]),
-    "power_iteration x of the wrong shape": (lambda: power_iteration(w4, SPEC, x=torch.randn(3, 8, 8)), ConfigError,
-                                             ["power_iteration", "x", "(4, 8, 8)"]),
-    "power_iteration x NaN": (lambda: power_iteration(w4, SPEC, x=torch.full((4, 8, 8), math.nan)), ConfigError,
-                              ["power_iteration", "x", "finite"]),
-    "power_iteration x zero": (lambda: power_iteration(w4, SPEC, x=torch.zeros(4, 8, 8)), ConfigError, ["x", "nonzero"]),
+    "power_iteration iters=-1": (
+        lambda: power_iteration(w4, SPEC, iters=-1),
+        ConfigError,
+        ["power_iteration", "iters"],
+    ),
+    "power_iteration x of the wrong shape": (
+        lambda: power_iteration(w4, SPEC, x=torch.randn(3, 8, 8)),
+        ConfigError,
+        ["power_iteration", "x", "(4, 8, 8)"],
+    ),
+    "power_iteration x NaN": (
+        lambda: power_iteration(w4, SPEC, x=torch.full((4, 8, 8), math.nan)),
+        ConfigError,
+        ["power_iteration", "x", "finite"],
+    ),
+    "power_iteration x zero": (
+        lambda: power_iteration(w4, SPEC, x=torch.zeros(4, 8, 8)),
+        ConfigError,
+        ["x", "nonzero"],
+    ),
     "power_iteration generator=0": (lambda: power_iteration(w4, SPEC, generator=0), ConfigError, ["generator"]),
     "norm_bracket seed=-1": (lambda: norm_bracket(w4, SPEC, seed=-1), ConfigError, ["norm_bracket", "seed"]),
     "singular_values dense_limit=-1": (lambda: singular_values(w4, SPEC, dense_limit=-1), ConfigError, ["dense_limit"]),
     "max_memory=-1": (lambda: exact_norm(w4, SPEC, max_memory=-1), ConfigError, ["max_memory"]),
     # the weight
     "meta weight": (lambda: spectral_norm(w4.to("meta"), SPEC), ConfigError, ["spectral_norm", "weight", "meta"]),
-    "complex weight": (lambda: norm_bracket(w4.to(torch.complex128), SPEC), ConfigError, ["norm_bracket", "complex128"]),
+    "complex weight": (
+        lambda: norm_bracket(w4.to(torch.complex128), SPEC),
+        ConfigError,
+        ["norm_bracket", "complex128"],
+    ),
     "integer weight": (lambda: fantastic_four(w4.int(), SPEC), ConfigError, ["fantastic_four", "int32"]),
     "bool weight": (lambda: gram_iteration(w4 > 0, SPEC), ConfigError, ["gram_iteration", "bool"]),
     "sparse weight": (lambda: singular_values(w4.to_sparse(), CIRC), ConfigError, ["singular_values", "sparse"]),
@@ -106,24 +132,42 @@ CASES = {
     "5-D weight": (lambda: fft_bound(w4[None], SPEC), ConfigError, ["fft_bound", "4-D"]),
     "empty weight": (lambda: exact_norm(w4[:0], SPEC), ConfigError, ["empty"]),
     "a list, not a tensor": (lambda: fantastic_four(w4.tolist(), SPEC), ConfigError, ["fantastic_four", "list"]),
-    "channels not divisible by groups": (lambda: norm_bracket(w4, ConvSpec((8, 8), 1, 1, groups=3)), ConfigError,
-                                         ["norm_bracket", "4 output channels", "groups=3"]),
+    "channels not divisible by groups": (
+        lambda: norm_bracket(w4, ConvSpec((8, 8), 1, 1, groups=3)),
+        ConfigError,
+        ["norm_bracket", "4 output channels", "groups=3"],
+    ),
     "not depthwise": (lambda: depthwise_norm(w4, CIRC), ConfigError, ["depthwise_norm", "not depthwise"]),
-    "kernel larger than the input": (lambda: spectral_norm(W(2, 2, 11, 11), SPEC), ConfigError, ["larger than the padded input"]),
-    "float32 weight that overflows": (lambda: fft_bound(with_value(1e30).float(), SPEC), ConfigError,
-                                      ["fft_bound", "overflow", "float32"]),
-    "depthwise_norms: lists of unequal length": (lambda: depthwise_norms([W(4, 1, 3, 3)], [CIRC, CIRC]), ConfigError,
-                                                  ["depthwise_norms", "1 weights but 2 specs"]),
-    "depthwise_norms: a NaN weight in the list": (lambda: depthwise_norms([W(4, 1, 3, 3), W(4, 1, 3, 3) * math.nan],
-                                                                         [ConvSpec((8, 8), 1, 1, groups=4)] * 2),
-                                                   ConfigError, ["depthwise_norms", "weights[1]", "NaN"]),
+    "kernel larger than the input": (
+        lambda: spectral_norm(W(2, 2, 11, 11), SPEC),
+        ConfigError,
+        ["larger than the padded input"],
+    ),
+    "float32 weight that overflows": (
+        lambda: fft_bound(with_value(1e30).float(), SPEC),
+        ConfigError,
+        ["fft_bound", "overflow", "float32"],
+    ),
+    "depthwise_norms: lists of unequal length": (
+        lambda: depthwise_norms([W(4, 1, 3, 3)], [CIRC, CIRC]),
+        ConfigError,
+        ["depthwise_norms", "1 weights but 2 specs"],
+    ),
+    "depthwise_norms: a NaN weight in the list": (
+        lambda: depthwise_norms([W(4, 1, 3, 3), W(4, 1, 3, 3) * math.nan], [ConvSpec((8, 8), 1, 1, groups=4)] * 2),
+        ConfigError,
+        ["depthwise_norms", "weights[1]", "NaN"],
+    ),
     "reshape_norm NaN": (lambda: reshape_norm(with_value(math.nan)), ConfigError, ["reshape_norm", "NaN"]),
     "reshape_norm 1-D": (lambda: reshape_norm(torch.ones(3)), ConfigError, ["reshape_norm", "2 dimensions"]),
     # the geometry and the dispatcher
     "spec not a ConvSpec": (lambda: spectral_norm(w4, (8, 8)), ConfigError, ["spectral_norm", "ConvSpec", "tuple"]),
     "unknown method": (lambda: spectral_norm(w4, SPEC, "svd"), ConfigError, ["unknown method", "'svd'"]),
-    "keyword the method does not take": (lambda: spectral_norm(w4, SPEC, "fft", iters=3), ConfigError,
-                                         ["spectral_norm", "'fft'", "'iters'"]),
+    "keyword the method does not take": (
+        lambda: spectral_norm(w4, SPEC, "fft", iters=3),
+        ConfigError,
+        ["spectral_norm", "'fft'", "'iters'"],
+    ),
     "ConvSpec stride 0": (lambda: ConvSpec((8, 8), 0, 1), ConfigError, ["ConvSpec", "stride"]),
     "ConvSpec negative padding": (lambda: ConvSpec((8, 8), 1, -1), ConfigError, ["ConvSpec", "padding"]),
     "ConvSpec dilation 0": (lambda: ConvSpec((8, 8), 1, 1, dilation=0), ConfigError, ["ConvSpec", "dilation"]),
@@ -132,26 +176,58 @@ CASES = {
     "ConvSpec in_size None": (lambda: ConvSpec(None), ConfigError, ["ConvSpec", "in_size"]),
     "ConvSpec groups 0": (lambda: ConvSpec((8, 8), groups=0), ConfigError, ["ConvSpec", "groups"]),
     "ConvSpec groups 1.5": (lambda: ConvSpec((8, 8), groups=1.5), ConfigError, ["ConvSpec", "groups", "1.5"]),
-    "ConvSpec padding_mode": (lambda: ConvSpec((8, 8), padding_mode="mirror"), ConfigError, ["padding_mode", "'mirror'"]),
-    "ConvSpec padding_mode not a string": (lambda: ConvSpec((8, 8), padding_mode=["zeros"]), ConfigError, ["padding_mode"]),
+    "ConvSpec padding_mode": (
+        lambda: ConvSpec((8, 8), padding_mode="mirror"),
+        ConfigError,
+        ["padding_mode", "'mirror'"],
+    ),
+    "ConvSpec padding_mode not a string": (
+        lambda: ConvSpec((8, 8), padding_mode=["zeros"]),
+        ConfigError,
+        ["padding_mode"],
+    ),
     "ConvSpec padding 1.5": (lambda: ConvSpec((8, 8), 1, 1.5), ConfigError, ["ConvSpec", "padding"]),
     # memory, before anything is allocated
-    "dense operator of a large depthwise layer": (lambda: ConvSpec((64, 64), 1, 1, groups=32).dense_operator(W(32, 1, 3, 3)),
-                                                  ResourceError, ["dense operator", "64x64 k3x3 s1 p1 zeros d1 g32", "GiB"]),
-    "fft_bound at 100000x100000": (lambda: fft_bound(w4, ConvSpec((100_000, 100_000), 1, 1)), ResourceError,
-                                   ["fft_bound", "100000x100000", "memory budget"]),
-    "gram at 100000x100000": (lambda: spectral_norm(w4, ConvSpec((100_000, 100_000), 1, 1), "gram"), ResourceError,
-                              ["gram_iteration", "100000x100000"]),
-    "circulant singular values at 30000x30000": (lambda: singular_values(w4, ConvSpec((30_000, 30_000), 1, 1, "circular")),
-                                                 ResourceError, ["singular_values", "30000x30000"]),
-    "non-circulant singular values too large": (lambda: singular_values(w4, ConvSpec((64, 64), 1, 1)), ConfigError,
-                                                ["singular_values", "too large for a dense SVD", "norm_bracket"]),
-    "power iteration at 100000x100000": (lambda: power_iteration(w4, ConvSpec((100_000, 100_000), 1, 1)), ResourceError,
-                                         ["power_iteration", "100000x100000"]),
-    "exact_norm under a 1 MiB budget": (lambda: exact_norm(w4, ConvSpec((64, 64), 1, 1), max_memory=2**20), ResourceError,
-                                        ["64x64 k3x3", "1 MiB"]),
-    "depthwise_norms at 100000x100000": (lambda: depthwise_norms([W(8, 1, 3, 3)], [ConvSpec((100_000, 100_000), 1, 1, groups=8)]),
-                                         ResourceError, ["depthwise_norms", "weights[0]", "100000x100000"]),
+    "dense operator of a large depthwise layer": (
+        lambda: ConvSpec((64, 64), 1, 1, groups=32).dense_operator(W(32, 1, 3, 3)),
+        ResourceError,
+        ["dense operator", "64x64 k3x3 s1 p1 zeros d1 g32", "GiB"],
+    ),
+    "fft_bound at 100000x100000": (
+        lambda: fft_bound(w4, ConvSpec((100_000, 100_000), 1, 1)),
+        ResourceError,
+        ["fft_bound", "100000x100000", "memory budget"],
+    ),
+    "gram at 100000x100000": (
+        lambda: spectral_norm(w4, ConvSpec((100_000, 100_000), 1, 1), "gram"),
+        ResourceError,
+        ["gram_iteration", "100000x100000"],
+    ),
+    "circulant singular values at 30000x30000": (
+        lambda: singular_values(w4, ConvSpec((30_000, 30_000), 1, 1, "circular")),
+        ResourceError,
+        ["singular_values", "30000x30000"],
+    ),
+    "non-circulant singular values too large": (
+        lambda: singular_values(w4, ConvSpec((64, 64), 1, 1)),
+        ConfigError,
+        ["singular_values", "too large for a dense SVD", "norm_bracket"],
+    ),
+    "power iteration at 100000x100000": (
+        lambda: power_iteration(w4, ConvSpec((100_000, 100_000), 1, 1)),
+        ResourceError,
+        ["power_iteration", "100000x100000"],
+    ),
+    "exact_norm under a 1 MiB budget": (
+        lambda: exact_norm(w4, ConvSpec((64, 64), 1, 1), max_memory=2**20),
+        ResourceError,
+        ["64x64 k3x3", "1 MiB"],
+    ),
+    "depthwise_norms at 100000x100000": (
+        lambda: depthwise_norms([W(8, 1, 3, 3)], [ConvSpec((100_000, 100_000), 1, 1, groups=8)]),
+        ResourceError,
+        ["depthwise_norms", "weights[0]", "100000x100000"],
+    ),
 }
 
 
@@ -223,7 +299,11 @@ def test_half_weights_pass_gradients_back_to_the_half_parameter():
 
 def test_numpy_integers_and_sizes_are_accepted_as_ints():
     spec = ConvSpec(np.array([8, 8]), np.int64(1), np.int32(1), groups=np.int64(1))
-    assert spec == SPEC and all(type(v) is int for v in spec.in_size + spec.stride + spec.padding) and type(spec.groups) is int
+    assert (
+        spec == SPEC
+        and all(type(v) is int for v in spec.in_size + spec.stride + spec.padding)
+        and type(spec.groups) is int
+    )
     assert float(spectral_norm(w4, spec, "fft")) == float(spectral_norm(w4, SPEC, "fft"))
 
 
@@ -250,53 +330,115 @@ def loader(shape=(3, 16, 16), n=4, seed=0):
 
 
 MODEL_CASES = {
-    "lipschitz_bound: wrong channel count": (lambda m: lipschitz_bound(m, (5, 16, 16)), ConfigError,
-                                             ["lipschitz_bound", "(5, 16, 16)", "'conv1'", "3 input channels, got 5"]),
-    "analyze: wrong channel count": (lambda m: analyze(m, (1, 16, 16), methods=["fft"]), ConfigError,
-                                     ["analyze", "'conv1'", "got 1"]),
-    "layer_inputs: wrong channel count": (lambda m: layer_inputs(m, (2, 8, 8)), ConfigError, ["layer_inputs", "'conv1'"]),
-    "certified_radii: wrong channel count": (lambda m: certified_radii(m, loader((4, 16, 16))), ConfigError,
-                                             ["certified_radii", "'conv1'", "got 4"]),
-    "certified_radii with a given L: wrong channel count": (lambda m: certified_radii(m, loader((4, 16, 16)), lipschitz=2.0),
-                                                            ConfigError, ["certified_radii", "'conv1'"]),
-    "lipschitz_bound: 0x0 input": (lambda m: lipschitz_bound(m, (3, 0, 0)), ConfigError, ["lipschitz_bound", "input_shape"]),
+    "lipschitz_bound: wrong channel count": (
+        lambda m: lipschitz_bound(m, (5, 16, 16)),
+        ConfigError,
+        ["lipschitz_bound", "(5, 16, 16)", "'conv1'", "3 input channels, got 5"],
+    ),
+    "analyze: wrong channel count": (
+        lambda m: analyze(m, (1, 16, 16), methods=["fft"]),
+        ConfigError,
+        ["analyze", "'conv1'", "got 1"],
+    ),
+    "layer_inputs: wrong channel count": (
+        lambda m: layer_inputs(m, (2, 8, 8)),
+        ConfigError,
+        ["layer_inputs", "'conv1'"],
+    ),
+    "certified_radii: wrong channel count": (
+        lambda m: certified_radii(m, loader((4, 16, 16))),
+        ConfigError,
+        ["certified_radii", "'conv1'", "got 4"],
+    ),
+    "certified_radii with a given L: wrong channel count": (
+        lambda m: certified_radii(m, loader((4, 16, 16)), lipschitz=2.0),
+        ConfigError,
+        ["certified_radii", "'conv1'"],
+    ),
+    "lipschitz_bound: 0x0 input": (
+        lambda m: lipschitz_bound(m, (3, 0, 0)),
+        ConfigError,
+        ["lipschitz_bound", "input_shape"],
+    ),
     "lipschitz_bound: 0 channels": (lambda m: lipschitz_bound(m, (0, 8, 8)), ConfigError, ["input_shape", "(0, 8, 8)"]),
     "analyze: negative size": (lambda m: analyze(m, (3, -4, 16)), ConfigError, ["analyze", "input_shape"]),
     "lipschitz_bound: float size": (lambda m: lipschitz_bound(m, (3, 16.5, 16)), ConfigError, ["input_shape", "16.5"]),
-    "lipschitz_bound: two dims": (lambda m: lipschitz_bound(m, (16, 16)), ConfigError, ["lipschitz_bound", "input_shape"]),
+    "lipschitz_bound: two dims": (
+        lambda m: lipschitz_bound(m, (16, 16)),
+        ConfigError,
+        ["lipschitz_bound", "input_shape"],
+    ),
     "lipschitz_bound: not a shape": (lambda m: lipschitz_bound(m, 16), ConfigError, ["lipschitz_bound", "input_shape"]),
     "analyze: a string shape": (lambda m: analyze(m, "3x16x16"), ConfigError, ["analyze", "input_shape"]),
-    "lipschitz_bound: tol nan": (lambda m: lipschitz_bound(m, (3, 8, 8), tol=math.nan), ConfigError, ["lipschitz_bound", "tol"]),
-    "lipschitz_bound: unknown method": (lambda m: lipschitz_bound(m, (3, 8, 8), method="exact"), ConfigError,
-                                        ["lipschitz_bound", "method", "'exact'"]),
-    "lipschitz_bound: input_bound inf": (lambda m: lipschitz_bound(m, (3, 8, 8), input_bound=math.inf), ConfigError,
-                                         ["input_bound"]),
+    "lipschitz_bound: tol nan": (
+        lambda m: lipschitz_bound(m, (3, 8, 8), tol=math.nan),
+        ConfigError,
+        ["lipschitz_bound", "tol"],
+    ),
+    "lipschitz_bound: unknown method": (
+        lambda m: lipschitz_bound(m, (3, 8, 8), method="exact"),
+        ConfigError,
+        ["lipschitz_bound", "method", "'exact'"],
+    ),
+    "lipschitz_bound: input_bound inf": (
+        lambda m: lipschitz_bound(m, (3, 8, 8), input_bound=math.inf),
+        ConfigError,
+        ["input_bound"],
+    ),
     "analyze: no methods": (lambda m: analyze(m, (3, 8, 8), methods=[]), ConfigError, ["analyze", "methods"]),
     "analyze: tol -1": (lambda m: analyze(m, (3, 8, 8), tol=-1), ConfigError, ["analyze", "tol"]),
-    "certified_radii: lipschitz nan": (lambda m: certified_radii(m, loader(), lipschitz=math.nan), ConfigError,
-                                       ["certified_radii", "lipschitz"]),
-    "certified_radii: NaN inputs": (lambda m: certified_radii(m, [(torch.full((2, 3, 8, 8), math.nan), torch.zeros(2).long())],
-                                                              lipschitz=1.0), ConfigError, ["certified_radii", "batch 0", "NaN"]),
-    "certified_radii: labels of another length": (lambda m: certified_radii(m, [(torch.zeros(2, 3, 8, 8), torch.zeros(3).long())],
-                                                                            lipschitz=1.0), ConfigError, ["batch 0", "2 labels"]),
-    "certified_radii: batches of another size": (lambda m: certified_radii(m, loader((3, 8, 8)) + loader((3, 12, 12)),
-                                                                            method="fft"),
-                                                 ConfigError, ["certified_radii", "batch 1", "(3, 12, 12)", "(3, 8, 8)"]),
-    "certified_radii: not pairs": (lambda m: certified_radii(m, [torch.zeros(3, 8, 8)], lipschitz=1.0), ConfigError,
-                                   ["certified_radii", "batch 0"]),
-    "certified_radii: a number per batch": (lambda m: certified_radii(m, [1.0], lipschitz=1.0), ConfigError,
-                                            ["certified_radii", "pair"]),
+    "certified_radii: lipschitz nan": (
+        lambda m: certified_radii(m, loader(), lipschitz=math.nan),
+        ConfigError,
+        ["certified_radii", "lipschitz"],
+    ),
+    "certified_radii: NaN inputs": (
+        lambda m: certified_radii(m, [(torch.full((2, 3, 8, 8), math.nan), torch.zeros(2).long())], lipschitz=1.0),
+        ConfigError,
+        ["certified_radii", "batch 0", "NaN"],
+    ),
+    "certified_radii: labels of another length": (
+        lambda m: certified_radii(m, [(torch.zeros(2, 3, 8, 8), torch.zeros(3).long())], lipschitz=1.0),
+        ConfigError,
+        ["batch 0", "2 labels"],
+    ),
+    "certified_radii: batches of another size": (
+        lambda m: certified_radii(m, loader((3, 8, 8)) + loader((3, 12, 12)), method="fft"),
+        ConfigError,
+        ["certified_radii", "batch 1", "(3, 12, 12)", "(3, 8, 8)"],
+    ),
+    "certified_radii: not pairs": (
+        lambda m: certified_radii(m, [torch.zeros(3, 8, 8)], lipschitz=1.0),
+        ConfigError,
+        ["certified_radii", "batch 0"],
+    ),
+    "certified_radii: a number per batch": (
+        lambda m: certified_radii(m, [1.0], lipschitz=1.0),
+        ConfigError,
+        ["certified_radii", "pair"],
+    ),
     "certified_radii: empty loader": (lambda m: certified_radii(m, [], lipschitz=1.0), ConfigError, ["no samples"]),
     "lipschitz_bound: not a model": (lambda m: lipschitz_bound(m.state_dict(), (3, 8, 8)), ConfigError, ["nn.Module"]),
-    "lipschitz_bound: forward at 30000x30000": (lambda m: lipschitz_bound(m, (3, 30_000, 30_000)), ResourceError,
-                                                ["lipschitz_bound", "forward pass", "(3, 30000, 30000)", "GiB"]),
-    "analyze: forward at 100000x100000": (lambda m: analyze(m, (3, 100_000, 100_000)), ResourceError,
-                                          ["analyze", "forward pass", "TiB"]),
-    "layer_inputs: forward over a 1 MiB budget": (lambda m: layer_inputs(m, (3, 64, 64), max_memory=2**20), ResourceError,
-                                                  ["layer_inputs", "1 MiB"]),
-    "analyze: exact at 2000x2000 over the budget": (lambda m: analyze(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)),
-                                                                      (3, 2000, 2000), methods=["exact"]),
-                                                    ResourceError, ["analyze", "layer '0'", "2000x2000 k3x3", "LOBPCG"]),
+    "lipschitz_bound: forward at 30000x30000": (
+        lambda m: lipschitz_bound(m, (3, 30_000, 30_000)),
+        ResourceError,
+        ["lipschitz_bound", "forward pass", "(3, 30000, 30000)", "GiB"],
+    ),
+    "analyze: forward at 100000x100000": (
+        lambda m: analyze(m, (3, 100_000, 100_000)),
+        ResourceError,
+        ["analyze", "forward pass", "TiB"],
+    ),
+    "layer_inputs: forward over a 1 MiB budget": (
+        lambda m: layer_inputs(m, (3, 64, 64), max_memory=2**20),
+        ResourceError,
+        ["layer_inputs", "1 MiB"],
+    ),
+    "analyze: exact at 2000x2000 over the budget": (
+        lambda m: analyze(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), (3, 2000, 2000), methods=["exact"]),
+        ResourceError,
+        ["analyze", "layer '0'", "2000x2000 k3x3", "LOBPCG"],
+    ),
 }
 
 
@@ -359,7 +501,9 @@ def test_a_valid_batch_shape_still_gives_the_certificate_of_the_given_bound(resn
 @pytest.mark.parametrize("size", ["100000", "30000"])
 def test_spectrum_at_a_huge_input_size_is_one_line_with_the_estimate(capsys, size):
     code, out, err = run_cli(capsys, "spectrum", "resnet20", "--input-size", size, size)
-    line = assert_one_line(code, err, "forward pass", f"({', '.join(['3', size, size])})", "memory budget", "SEPCONV_MEMORY_LIMIT")
+    line = assert_one_line(
+        code, err, "forward pass", f"({', '.join(['3', size, size])})", "memory budget", "SEPCONV_MEMORY_LIMIT"
+    )
     assert "iB" in line and not out
 
 

@@ -209,7 +209,9 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(capsys, half, runs, damage):
     got = metrics(half)
     assert [r["epoch"] for r in got] == [1, 2]
     assert without_time(got) == without_time(metrics(runs / "done"))
-    assert (half / "model" / "model.safetensors").read_bytes() == (runs / "done" / "model" / "model.safetensors").read_bytes()
+    assert (half / "model" / "model.safetensors").read_bytes() == (
+        runs / "done" / "model" / "model.safetensors"
+    ).read_bytes()
 
 
 # ------------------------------------------------------------------ divergence
@@ -276,7 +278,11 @@ def test_every_file_of_a_run_honours_the_umask(capsys, tmp_path, umask, file_mod
 
 
 def test_stale_temporary_files_of_a_killed_run_are_removed_by_the_next_run(capsys, half):
-    stale = [half / ".last.pt.k1ll3d.tmp", half / ".metrics.jsonl.x8y9z0.tmp", half / "model" / ".model.safetensors.ab12cd.tmp"]
+    stale = [
+        half / ".last.pt.k1ll3d.tmp",
+        half / ".metrics.jsonl.x8y9z0.tmp",
+        half / "model" / ".model.safetensors.ab12cd.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"\0" * 100)
     keep = half / "notes.tmp"  # not one of ours
@@ -423,15 +429,21 @@ def test_resume_may_grow_the_epochs_and_change_how_it_runs(capsys, done):
     assert [r["epoch"] for r in metrics(done)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("edit,words", [
-    (lambda s: s["model"].pop("classifier.bias"), ["'model'", "classifier.bias"]),
-    (lambda s: s["model"].__setitem__("extra.weight", torch.zeros(2)), ["'model'", "extra.weight"]),
-    (lambda s: s["model"].__setitem__("classifier.weight", torch.zeros(3, 3)), ["classifier.weight", "(3, 3)"]),
-    (lambda s: s["optimizer"]["param_groups"].pop(), ["'optimizer'"]),
-    (lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(5)), ["'optimizer'", "momentum_buffer", "(5,)"]),
-    (lambda s: s["scheduler"].__setitem__("last_epoch", 3), ["'scheduler'", "step 4"]),
-    (lambda s: s["scheduler"].__setitem__("optimizer", 1), ["'scheduler'", "optimizer"]),
-])
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda s: s["model"].pop("classifier.bias"), ["'model'", "classifier.bias"]),
+        (lambda s: s["model"].__setitem__("extra.weight", torch.zeros(2)), ["'model'", "extra.weight"]),
+        (lambda s: s["model"].__setitem__("classifier.weight", torch.zeros(3, 3)), ["classifier.weight", "(3, 3)"]),
+        (lambda s: s["optimizer"]["param_groups"].pop(), ["'optimizer'"]),
+        (
+            lambda s: s["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(5)),
+            ["'optimizer'", "momentum_buffer", "(5,)"],
+        ),
+        (lambda s: s["scheduler"].__setitem__("last_epoch", 3), ["'scheduler'", "step 4"]),
+        (lambda s: s["scheduler"].__setitem__("optimizer", 1), ["'scheduler'", "optimizer"]),
+    ],
+)
 def test_states_that_do_not_fit_the_model_are_refused_naming_the_key(capsys, half, edit, words):
     edit_checkpoint(half / "last.pt", edit)
     before = snapshot(half)
@@ -537,7 +549,9 @@ def test_model_args_clashing_with_a_flag_or_the_data_are_refused(capsys, tmp_pat
 
 
 def test_model_args_do_not_apply_with_init(capsys, done, tmp_path):
-    code, _, err = _train(capsys, tmp_path / "o", "--epochs", "1", "--init", done / "model", "--model-arg", "norm=false")
+    code, _, err = _train(
+        capsys, tmp_path / "o", "--epochs", "1", "--init", done / "model", "--model-arg", "norm=false"
+    )
     assert_one_line(code, err, "--model-arg", "--init")
 
 

@@ -296,10 +296,11 @@ def test_grouped_bracket_solves_each_small_group_and_prunes_by_certified_bounds(
     # channel scales spread over two decades so that the certified per-group bound prunes most groups
     torch.manual_seed(stride * 10 + mult)
     C, n = 64, 12
-    w = torch.randn(C * mult, 1, 3, 3, dtype=torch.float64) * torch.logspace(-2, 0, C * mult, dtype=torch.float64)[:, None, None, None]
+    w = (torch.randn(C * mult, 1, 3, 3, dtype=torch.float64)
+         * torch.logspace(-2, 0, C * mult, dtype=torch.float64)[:, None, None, None])
     spec = ConvSpec((n, n), stride, 1, mode, groups=C)
-    truth = max(float(torch.linalg.svdvals(ConvSpec((n, n), stride, 1, mode).dense_operator(w[c * mult:(c + 1) * mult]))[0])
-                for c in range(C))
+    one = ConvSpec((n, n), stride, 1, mode)
+    truth = max(float(torch.linalg.svdvals(one.dense_operator(w[c * mult:(c + 1) * mult]))[0]) for c in range(C))
     br = bracket(w, spec, tol=1e-6)
     assert br.how == "dense"
     assert br.lower <= truth <= br.upper and br.upper - br.lower <= 1e-12 * truth

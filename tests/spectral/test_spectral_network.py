@@ -56,7 +56,7 @@ def empirical_lipschitz(model: nn.Module, shape, steps: int = 60, restarts: int 
                     x.copy_(project(x, 0.9 * radius))
                     d.copy_(project(d, 0.1 * radius))
             ratio = (model(x + d) - model(x)).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
-            best = max(best, float(ratio.max()))
+            best = max(best, float(ratio.max().detach()))
             opt.zero_grad()
             (-ratio.sum()).backward()
             opt.step()
@@ -70,7 +70,8 @@ def test_merged_chain_is_the_same_linear_map_and_its_norm_exact():
     torch.manual_seed(0)
     chains = [
         [nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1)],  # DSC
-        [nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3)],  # BSConv-U
+        # BSConv-U
+        [nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3)],
         [nn.Conv2d(4, 2, 1, bias=False), nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3),
          nn.Conv2d(3, 3, 3, padding=1, groups=3, padding_mode="circular")],  # BSConv-S
         [nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 2, 1, stride=2)],
@@ -134,7 +135,8 @@ def test_activation_constants_bound_the_derivative_tightly(name, fn):
 
 
 @pytest.mark.parametrize("pad,mode,shape", [
-    ((1, 1, 1, 1), "constant", (2, 5, 5)), ((0, 2, 1, 0), "constant", (1, 4, 3)), ((-1, 1, 0, 0), "constant", (1, 4, 4)),
+    ((1, 1, 1, 1), "constant", (2, 5, 5)), ((0, 2, 1, 0), "constant", (1, 4, 3)),
+    ((-1, 1, 0, 0), "constant", (1, 4, 4)),
     ((1, 1, 1, 1), "reflect", (2, 5, 5)), ((2, 1, 0, 2), "reflect", (1, 4, 3)), ((1, 2, 2, 1), "replicate", (1, 3, 4)),
     ((2, 2, 1, 1), "circular", (1, 3, 4)), ((3, 0), "replicate", (2, 5)),
 ])

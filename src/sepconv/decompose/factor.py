@@ -1,6 +1,6 @@
 """Pure factorizations of a conv weight into separable parts (no ``nn.Module`` state).
 
-Notation (``reference/decomposition.md``): ``W`` is ``(n, c, kh, kw)`` (``n = C_out``,
+Notation (``docs/decomposition.md``): ``W`` is ``(n, c, kh, kw)`` (``n = C_out``,
 ``c = C_in``), ``K = kh * kw``, ``D = c * K``. ``W[:, i]`` is the ``n x K`` slice of input
 channel ``i``, ``W[o]`` the ``c x K`` slice of output filter ``o``. Patches ``x`` are the
 ``D``-vectors a conv multiplies ``W.reshape(n, D)`` with (im2col, channel-major, as
@@ -27,6 +27,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+
+__all__ = [
+    "Moments",
+    "blueprint_factors",
+    "blueprint_spectrum",
+    "channel_factors",
+    "channel_spectrum",
+    "depthwise_factors",
+    "depthwise_spectrum",
+    "energy_rank",
+    "extract_patches",
+    "patch_moments",
+    "refit_pointwise",
+    "response_error",
+    "retained_energy",
+    "sample_patches",
+    "subspace_factors",
+]
 
 #: Ridge added to patch second moments, relative to their mean diagonal (numerical safety only).
 RIDGE = 1e-7
@@ -111,10 +129,11 @@ def _ridge(s: Tensor) -> Tensor:
 
 
 def _ridge_solve(h: Tensor, rhs: Tensor) -> Tensor:
-    """Batched ``(h + ridge) x = rhs`` for symmetric positive semi-definite ``h``. Each system is first scaled by its largest entry (the
-    solution is unchanged), so a filter whose alternating updates grew huge cannot overflow the
-    factorisation; a system that is zero or not finite (a degenerate filter) gives a NaN
-    solution instead of stopping the batch, which the callers' keep-the-best-step rule rejects."""
+    """Batched ``(h + ridge) x = rhs`` for symmetric positive semi-definite ``h``. Each system is
+    first scaled by its largest entry (the solution is unchanged), so a filter whose alternating
+    updates grew huge cannot overflow the factorisation; a system that is zero or not finite (a
+    degenerate filter) gives a NaN solution instead of stopping the batch, which the callers'
+    keep-the-best-step rule rejects."""
     scale = h.abs().amax((-2, -1))
     ok = torch.isfinite(scale) & (scale > 0) & torch.isfinite(rhs).flatten(1).all(1)
     scale = torch.where(ok, scale, torch.ones_like(scale))[:, None, None]
@@ -166,15 +185,15 @@ def depthwise_factors(weight: Tensor, rank: int, mom: Moments | None = None, ite
     ``compose_depthwise_separable(dw, pw, c)`` is the approximation.
 
     Data-free (``mom=None``): per input channel, the rank-``r`` truncated SVD of ``W[:, i]``
-    (Eckart-Young; reference Sect. 1(a)-(b)): ``pw[:, i*r+j] = s_ij u_ij``, ``dw[i*r+j] = v_ij``.
+    (Eckart-Young; docs/decomposition.md Sec. 1): ``pw[:, i*r+j] = s_ij u_ij``, ``dw[i*r+j] = v_ij``.
     Optimal for the weight error, which is ``sum_i sum_{j>r} s_ij^2`` exactly; ``r = min(n, K)``
     is exact.
 
     Data-driven (``mom`` given): minimises the response error. Candidates (1) the data-free
-    factors and (2) the per-channel GSVD (reference Sect. 1(c), Takane & Hwang 2007): with
+    factors and (2) the per-channel GSVD (docs/decomposition.md Sec. 1, Takane & Hwang 2007): with
     ``C_i = Shh[i,i] = L L^T`` and target ``A_i = W[:, i] Sxh[i,i] C_i^{-1}``, the SVD of
     ``A_i L`` gives ``p = s u``, ``d = L^{-T} v``. Each gets the inter-channel least-squares
-    refit of the pointwise part (:func:`refit_pointwise`, Sect. 1(d)); the better one is
+    refit of the pointwise part (:func:`refit_pointwise`, docs/decomposition.md Sec. 1); the better one is
     then improved by alternating least squares over the joint objective (D-step: all
     ``c r K`` depthwise taps in one normal-equation solve; P-step: the refit), keeping the
     best iterate. An optimum of the sampled objective is not guaranteed (ALS), but the
@@ -250,8 +269,8 @@ def _refit_p(g: Tensor, d: Tensor, hh: Tensor) -> Tensor:
 
 
 def refit_pointwise(weight: Tensor, dw: Tensor, mom: Moments) -> Tensor:
-    """Inter-channel compensation (He et al. arXiv 1910.09455, multi-channel case; reference
-    Sect. 1(d)): with the depthwise filters ``dw`` ``(c r, 1, kh, kw)`` fixed, the pointwise
+    """Inter-channel compensation (He et al. arXiv 1910.09455, multi-channel case;
+    docs/decomposition.md Sec. 1): with the depthwise filters ``dw`` ``(c r, 1, kh, kw)`` fixed, the pointwise
     matrix minimising ``E||W x - P z||^2`` for the depthwise responses ``z = Dblk^T xh`` is the
     least-squares solution ``P = W Sxh Dblk (Dblk^T Shh Dblk)^{-1}``. Exact (one linear solve,
     a tiny ridge for safety). Returns ``(n, c r, 1, 1)``."""
@@ -286,7 +305,7 @@ def blueprint_spectrum(weight: Tensor) -> Tensor:
 
 def blueprint_factors(weight: Tensor, rank: int, mom: Moments | None = None, iters: int = 10) -> tuple[Tensor, Tensor]:
     """BSConv-U conversion (Haase & Amthor arXiv 2003.13549; Network Decoupling, Guo et al.
-    arXiv 1808.05517; reference Sect. 3): ``W ~ PW -> DW``.
+    arXiv 1808.05517; docs/decomposition.md Sec. 3): ``W ~ PW -> DW``.
 
     Returns ``pw`` ``(n * r, c, 1, 1)`` and ``dw`` ``(n, r, kh, kw)`` (the grouped depthwise
     reading ``r`` channels per output; ``r = 1`` is BSConv-U), so that
@@ -295,8 +314,8 @@ def blueprint_factors(weight: Tensor, rank: int, mom: Moments | None = None, ite
     Data-free: per output filter the rank-``r`` SVD of ``W[o]``: ``pw[o*r+j] = s_oj u_oj``,
     ``dw[o, j] = v_oj``; weight error ``sum_o sum_{j>r} s_oj^2`` exactly; ``r = min(c, K)`` exact.
 
-    Data-driven: the response error separates exactly over output filters (reference
-    Sect. 3, "Data-driven BSConv-U"): minimise ``W'[o] Shh W'[o]^T - 2 (W Sxh)[o] W'[o]^T``
+    Data-driven: the response error separates exactly over output filters
+    (docs/decomposition.md Sec. 3, the data-driven form): minimise ``W'[o] Shh W'[o]^T - 2 (W Sxh)[o] W'[o]^T``
     over rank-``r`` ``W'[o] = A B^T`` by alternating least squares (``A``: a ``c r``
     solve, ``B``: a ``K r`` solve, batched over ``o``), started from the data-free factors
     and keeping the best iterate (never worse than data-free on the same patches).
@@ -341,7 +360,7 @@ def _blueprint_als(w: Tensor, a: Tensor, b: Tensor, mom: Moments, iters: int) ->
 
 
 def subspace_factors(pw: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """BSConv-S from BSConv-U (Haase & Amthor arXiv 2003.13549, BSConv-S; reference Sect. 3):
+    """BSConv-S from BSConv-U (Haase & Amthor arXiv 2003.13549, BSConv-S; docs/decomposition.md Sec. 3):
     the truncated SVD ``pw ~ (U_m S_m) V_m^T`` of the ``(N, c)`` pointwise matrix.
 
     Returns ``pw1 = V_m^T`` ``(m, c, 1, 1)`` -- orthonormal rows, so the BSConv-S penalty
@@ -414,21 +433,3 @@ def retained_energy(spectra: Tensor, rank: int) -> float:
     sq = spectra.reshape(-1, spectra.shape[-1]) ** 2
     return float((sq[:, :rank].sum(-1) / sq.sum(-1).clamp_min(1e-300)).mean())
 
-
-__all__ = [
-    "Moments",
-    "blueprint_factors",
-    "blueprint_spectrum",
-    "channel_factors",
-    "channel_spectrum",
-    "depthwise_factors",
-    "depthwise_spectrum",
-    "energy_rank",
-    "extract_patches",
-    "patch_moments",
-    "refit_pointwise",
-    "response_error",
-    "retained_energy",
-    "sample_patches",
-    "subspace_factors",
-]

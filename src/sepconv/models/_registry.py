@@ -9,6 +9,8 @@ the model (``model.sepconv_config``) so that :func:`sepconv.io.save_model` can r
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
 import inspect
 import math
 from collections.abc import Callable
@@ -51,12 +53,12 @@ def register_model(
 
     bad = [c for c in convs if c not in CONV_KINDS]
     if bad:
-        raise ValueError(f"register_model: unknown conv kinds {bad}; known: {CONV_KINDS}")
+        raise ConfigError(f"register_model: unknown conv kinds {bad}; known: {CONV_KINDS}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or fn.__name__
         if key in _MODELS:
-            raise ValueError(f"model {key!r} is registered twice")
+            raise ConfigError(f"register_model: model {key!r} is registered twice")
         doc = inspect.getdoc(fn) or ""
         _MODELS[key] = ModelInfo(key, fn, family, tuple(convs), tuple(input_size), tuple(tags), doc)
         return fn
@@ -66,8 +68,6 @@ def register_model(
 
 def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
     """Sorted names of the registered models, optionally filtered by a glob and family."""
-    import fnmatch
-
     names = sorted(_MODELS)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]
@@ -81,8 +81,6 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _MODELS[name]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see `sepconv models`)"
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None

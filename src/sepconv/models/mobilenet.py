@@ -44,6 +44,9 @@ from ..layers import BSConvU, DepthwiseSeparableConv2d, mark_orthonormal
 from ._registry import register_model
 from ._util import ConvNormAct, make_divisible
 
+__all__ = ["MobileNetV1", "MobileNetV2", "MobileNetV3", "InvertedResidual", "InvertedResidualV3",
+           "SqueezeExcitation"]
+
 _IMAGENET = (3, 224, 224)
 _CIFAR = (3, 32, 32)
 
@@ -363,7 +366,3 @@ def cifar_mobilenet_v3_small(num_classes=1000, in_chans=3, conv="regular", width
     BSConv reference zoo) and its light head (``head="light"``: no hidden linear layer;
     ``"full"`` for torchvision's); no dropout. ``conv`` as for ``mobilenet_v2``."""
     return _v3("small", conv, True, dropout, head, num_classes=num_classes, in_chans=in_chans, width=width)
-
-
-__all__ = ["MobileNetV1", "MobileNetV2", "MobileNetV3", "InvertedResidual", "InvertedResidualV3",
-           "SqueezeExcitation"]

@@ -36,6 +36,8 @@ from ..layers import CONV_KINDS, make_spatial_conv
 from ._registry import register_model
 from ._util import check_bsconv_p, scale_channels
 
+__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "PreActBlock", "ResNet", "WideResNet", "ZeroPadShortcut"]
+
 SpatialConv = Callable[..., nn.Module]  # (in, out, stride) -> module
 
 
@@ -295,5 +297,3 @@ for _d in _CIFAR_DEPTHS:
     _cifar(_d)
 for _d, _k in _WRN_CFG:
     _wrn(_d, _k)
-
-__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "PreActBlock", "ResNet", "WideResNet", "ZeroPadShortcut"]

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._registry import register_model
 
+__all__ = ["ShuffleNetV2", "InvertedResidual", "channel_shuffle"]
+
 # Ma et al. 2018, Table 5: output channels of conv1, stage2-4, conv5 per width; repeats.
 STAGE_REPEATS = (4, 8, 4)
 STAGE_CHANNELS = {
@@ -118,5 +120,3 @@ def _factory(size: str, cifar: bool):
 for _size in STAGE_CHANNELS:
     for _cifar in (False, True):
         _factory(_size, _cifar)
-
-__all__ = ["ShuffleNetV2", "InvertedResidual", "channel_shuffle"]

@@ -8,6 +8,8 @@ from ..layers import CONV_KINDS, make_spatial_conv
 from ._registry import register_model
 from ._util import check_bsconv_p
 
+__all__ = ["SimpleCNN", "simple_cnn"]
+
 
 def _round(c: float) -> int:
     return max(1, int(round(c)))

@@ -19,12 +19,19 @@ its bytes first and stays within ``max_memory`` (bytes; default 2 GiB, or
 >>> from sepconv.spectral import ConvSpec, spectral_norm, norm_bracket
 >>> spec = ConvSpec.of(conv, in_size=(32, 32))
 >>> spectral_norm(conv.weight, spec, method="exact")
+
+**Methods** are a registry (:mod:`sepconv.spectral.methods`): :func:`method_names` lists them,
+:func:`register_method` adds one (a function ``fn(weight, spec, **options)``, its kind -- exact,
+certified, estimate or heuristic -- and whether it is differentiable and needs the input size),
+and :func:`spectral_norm`, :func:`analyze`, :func:`lipschitz_bound`,
+:func:`sepconv.normalize.spectral_normalize` and the ``sepconv`` command all read it.
+``METHODS`` is :func:`method_names` at the time it is read.
 """
 
-from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, reshape_norm
+from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, majorant_kernel, reshape_norm
+from .certificates import Certificate, certified_accuracy, certified_radii
 from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from .exact import (
-    METHODS,
     Bracket,
     bracket,
     circulant_norm,
@@ -34,10 +41,13 @@ from .exact import (
     exact_norm,
     norm_bracket,
     singular_values,
-    spectral_norm,
+    upper_bound,
 )
+from .fourier import all_block_singular_values
 from .iterative import power_iteration
-from .network import Certificate, LayerRecord, analyze, certified_accuracy, certified_radii, lipschitz_bound
+from .lipschitz import lipschitz_bound
+from .methods import SpectralMethod, get_method, method_names, register_method, spectral_norm, unregister_method
+from .network import LayerRecord, analyze, layer_inputs
 from .spec import PADDING_MODES, ConvSpec
 from .validate import MAX_MEMORY
 
@@ -45,10 +55,11 @@ __all__ = [
     "Certificate",
     "LayerRecord",
     "MAX_MEMORY",
-    "METHODS",
     "PADDING_MODES",
     "Bracket",
     "ConvSpec",
+    "SpectralMethod",
+    "all_block_singular_values",
     "analyze",
     "batchnorm_lipschitz",
     "bracket",
@@ -63,13 +74,27 @@ __all__ = [
     "fantastic_four",
     "fantastic_four_terms",
     "fft_bound",
+    "get_method",
     "gram_iteration",
+    "layer_inputs",
     "linear_norm",
     "lipschitz_bound",
+    "majorant_kernel",
     "merge_chain",
+    "method_names",
     "norm_bracket",
     "power_iteration",
+    "register_method",
     "reshape_norm",
     "singular_values",
     "spectral_norm",
+    "unregister_method",
+    "upper_bound",
+    "METHODS",  # noqa: F822 -- from __getattr__: the registry's names when read
 ]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "METHODS":
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

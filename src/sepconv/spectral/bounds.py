@@ -21,11 +21,16 @@ from ..errors import ConfigError
 from . import fourier, validate
 from .spec import ConvSpec
 
+__all__ = ["fantastic_four", "fantastic_four_terms", "fft_bound", "gram_iteration", "majorant_kernel", "reshape_norm"]
 
-def _majorant_kernel(weight: Tensor, spec: ConvSpec, where: str = "fft_bound", max_memory: float | None = None,
-                     kind: str = "max") -> tuple[fourier.Majorant, Tensor, tuple[int, int]]:
-    """The majorant, its stride-1 kernel and grid, after the memory of the problem on that grid
-    (:func:`fourier.problem_bytes`) was checked against ``max_memory``."""
+
+def majorant_kernel(weight: Tensor, spec: ConvSpec, where: str = "fft_bound", max_memory: float | None = None,
+                    kind: str = "max") -> tuple[fourier.Majorant, Tensor, tuple[int, int]]:
+    """The circulant majorant of ``(weight, spec)`` (:func:`fourier.majorant`: a circulant operator
+    ``M`` and factor ``f`` with ``||T|| <= f ||M||``; docs/spectral.md Sec. 2), its polyphase kernel
+    (:func:`fourier.circulant_kernel`) and frequency grid, after the memory of the problem on that
+    grid (:func:`fourier.problem_bytes`, ``kind`` ``max``/``gram``/``all``) was checked against
+    ``max_memory``; ``where`` names the caller in errors. Exact construction, no bound yet."""
     kh, kw = spec.check(weight, name=f"{where}: weight")
     maj = fourier.majorant(spec, (kh, kw))
     nbytes = fourier.problem_bytes(weight, maj.grid, maj.stride, spec.dilation, spec.groups, kind)
@@ -35,13 +40,17 @@ def _majorant_kernel(weight: Tensor, spec: ConvSpec, where: str = "fft_bound", m
     return maj, kernel, (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
 
 
+#: The old private name of :func:`majorant_kernel`.
+_majorant_kernel = majorant_kernel
+
+
 def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_memory: float | None = None) -> Tensor:
     """Circular-embedding bound ``f * max_w sigma_max(K^(w))`` on the majorant's grid.
 
     Zero padding: the layer is a submatrix of the strided circular convolution on
     ``N >= n + max(p_lo, p_hi)`` points (``N`` a multiple of the stride; see
     :func:`fourier.majorant`), so its norm is at most the circulant's -- a **certified upper
-    bound**, converging to the exact value as ``n`` grows (reference/spectral.md Sec. 2;
+    bound**, converging to the exact value as ``n`` grows (docs/spectral.md Sec. 2;
     FFT(n) at ``N = n`` is *not* a bound). Circular geometries: **exact** (Sedghi et al. 2019,
     Thm. 6, with the polyphase form for stride). The block maximum is certified per
     frequency (:func:`fourier.block_max`, relative ``tol``); differentiable through the
@@ -52,7 +61,7 @@ def fft_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_memory: flo
     """
     weight, _ = validate.conv_weight(weight, spec, "fft_bound")
     tol = validate.tolerance(tol, "fft_bound")
-    maj, kernel, grid = _majorant_kernel(weight, spec, "fft_bound", max_memory)
+    maj, kernel, grid = majorant_kernel(weight, spec, "fft_bound", max_memory)
     top = fourier.block_max(kernel.detach(), grid, tol)
     value = fourier.block_value(kernel, grid, top.freq, top.group, top.value)
     # the certified side: the block maximum may exceed the argmax block by tol (rounding of ~1e-16)
@@ -74,7 +83,7 @@ def gram_iteration(weight: Tensor, spec: ConvSpec, iters: int = 6, max_memory: f
     """
     weight, _ = validate.conv_weight(weight, spec, "gram_iteration")
     iters = validate.count(iters, "gram_iteration", "iters", 1, 64)
-    maj, kernel, grid = _majorant_kernel(weight, spec, "gram_iteration", max_memory, kind="gram")
+    maj, kernel, grid = majorant_kernel(weight, spec, "gram_iteration", max_memory, kind="gram")
 
     def schatten(G: Tensor) -> Tensor:
         log_scale = torch.zeros(G.shape[:-2], dtype=G.real.dtype, device=G.device)
@@ -153,12 +162,13 @@ def fantastic_four(weight: Tensor, spec: ConvSpec) -> Tensor:
 def reshape_norm(weight: Tensor) -> Tensor:
     """``||W.reshape(C_out, -1)||_2``: the value ``torch.nn.utils.parametrizations.spectral_norm``
     converges to (Miyato et al. 2018). **Neither a bound nor exact** for spatial kernels: for
-    depthwise layers it lies anywhere in ``[sigma/k, sqrt(C) sigma]`` (reference/spectral.md
+    depthwise layers it lies anywhere in ``[sigma/k, sqrt(C) sigma]`` (docs/spectral.md
     Sec. 8); exact only for 1x1 convolutions without groups. Reported for comparison.
     Half/bfloat16 weights are computed in float32."""
     weight = validate.tensor(weight, "reshape_norm")
     if weight.dim() < 2 or weight.numel() == 0:
-        raise ConfigError(f"reshape_norm: expected a non-empty weight with at least 2 dimensions, got {tuple(weight.shape)}")
+        raise ConfigError("reshape_norm: expected a non-empty weight with at least 2 dimensions, "
+                          f"got {tuple(weight.shape)}")
     if not bool(torch.isfinite(weight).all()):
         raise ConfigError("reshape_norm: weight holds NaN or Inf values")
     return torch.linalg.matrix_norm(weight.reshape(weight.shape[0], -1), ord=2)

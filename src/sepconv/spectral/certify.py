@@ -25,6 +25,8 @@ from torch import Tensor
 
 from .spec import ConvSpec, tap_matrices_1d, tap_sources_1d
 
+__all__ = ["BandedGram", "band_of", "certificate_cost", "cholesky_certificate"]
+
 
 def _row_sources(weight: Tensor, spec: ConvSpec) -> Tensor:
     kh = weight.shape[-2]

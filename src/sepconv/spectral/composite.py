@@ -12,7 +12,7 @@ channel mixing, so
   its shift is an affine constant, irrelevant for norms and Lipschitz constants.
 
 The merged weight is dense (``groups=1``) unless nothing was merged; its per-frequency blocks
-are exactly ``P diag(K^(w))`` for DSC and ``diag(K^(w)) P`` for BSConv (reference/spectral.md
+are exactly ``P diag(K^(w))`` for DSC and ``diag(K^(w)) P`` for BSConv (docs/spectral.md
 Sec. 9), so :func:`sepconv.spectral.spectral_norm` on it is the block's exact norm where the
 geometry is circulant, and its certified bracket elsewhere.
 """
@@ -25,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedLayerError
+from .methods import spectral_norm
 from .spec import ConvSpec
+
+__all__ = ["batchnorm_lipschitz", "batchnorm_scale", "chain_norm", "is_unpadded_1x1", "linear_norm", "merge_chain"]
 
 
 def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm, name: str = "") -> Tensor:
@@ -69,7 +72,10 @@ def _dense(weight: Tensor, groups: int) -> Tensor:
     return out
 
 
-def _is_pointwise(conv: nn.Conv2d) -> bool:
+def is_unpadded_1x1(conv: nn.Conv2d) -> bool:
+    """A 1x1 kernel with no padding at all (``"same"`` pads a 1x1 kernel by nothing): per output pixel
+    a channel-mixing matrix, so it commutes with the padding of a neighbouring spatial conv and
+    merges into it (:func:`merge_chain`). Exact test of the module's settings."""
     return tuple(conv.kernel_size) == (1, 1) and (conv.padding in ("valid", (0, 0)) or conv.padding == "same")
 
 
@@ -99,7 +105,7 @@ def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int]) -> tuple[T
         if not isinstance(mod, nn.Conv2d) or isinstance(mod, nn.modules.conv._ConvTransposeNd):
             raise UnsupportedLayerError(f"merge_chain: cannot merge {type(mod).__name__} into a convolution")
         w = mod.weight.detach()
-        pointwise = _is_pointwise(mod)
+        pointwise = is_unpadded_1x1(mod)
         if weight is None:
             weight, groups = w, mod.groups
             if not pointwise or tuple(mod.stride) != (1, 1):
@@ -137,7 +143,5 @@ def chain_norm(modules: Iterable[nn.Module], in_size: Sequence[int], method: str
     eval mode) by ``method`` (see :func:`sepconv.spectral.spectral_norm`): **exact** for
     ``method="exact"`` (per frequency ``||P diag(K^(w))||`` in circulant geometries), certified
     for the bounds. Uses :func:`merge_chain`."""
-    from .exact import spectral_norm
-
     weight, spec = merge_chain(list(modules), in_size)
     return spectral_norm(weight, spec, method=method, **kw)

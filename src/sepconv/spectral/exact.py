@@ -4,68 +4,42 @@
   1x1 kernels reading no padding): the operator is block-diagonalised by the 2-D DFT, so
   the norm is ``max_w sigma_max(K^(w))`` over per-frequency blocks -- with the polyphase
   form for stride, dilated kernels, the maximum over groups, and ``max |K^_c(w)|`` for
-  depthwise (Sedghi et al. 2019; Senderovich et al. 2022; reference/spectral.md Sec. 1).
+  depthwise (Sedghi et al. 2019; Senderovich et al. 2022; docs/spectral.md Sec. 1).
   :func:`fourier.block_max` finds it without a full SVD per frequency.
 * **Everything else** (zero, reflect, replicate padding; cropped or repeated outputs):
-  no closed form. A certified bracket: the lower end is a Rayleigh quotient from block
-  LOBPCG on ``T^T T`` (warm-started from the circulant majorant's top mode), the upper end
-  the tightest certified bound available -- the circulant majorant / Fantastic Four, and a
-  block-banded Cholesky certificate of ``mu I - T^T T`` at ``mu = (lower (1 + tol))^2``
-  (:mod:`sepconv.spectral.certify`) whenever its cost fits the budget; tiny layers are
-  solved by a dense SVD.
+  no closed form; a certified bracket (:func:`bracket`, :func:`norm_bracket`), searched by
+  :mod:`sepconv.spectral.bracketing`: LOBPCG from below, the circulant majorant, Fantastic Four
+  and a banded Cholesky certificate from above, dense SVDs for tiny layers.
+
+:func:`~sepconv.spectral.methods.spectral_norm` (by method name) lives in
+:mod:`sepconv.spectral.methods`, the method registry.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ResourceError
-from . import bounds, certify, fourier, iterative, validate
+from ..errors import ConfigError
+from . import fourier, validate
+from .bracketing import (
+    CERTIFICATE_BYTES,
+    CERTIFICATE_FLOPS,
+    DENSE_FLOPS,
+    Bracket,
+    bracket_args,
+    check_problem,
+    circulant_problem,
+    outward,
+    solve,
+)
 from .spec import ConvSpec
 
-#: Dense SVD of the operator when ``rows * cols * min(rows, cols)`` is at most this.
-DENSE_FLOPS = 3e9
-#: Banded Cholesky certificate when its flop count and memory are at most these.
-CERTIFICATE_FLOPS = 2e11
-CERTIFICATE_BYTES = 1.5e9
-
-
-@dataclass
-class Bracket:
-    """``lower <= sigma_max <= upper`` (certified); ``how`` names what certified the upper end
-    (``circulant``, ``dense``, ``cholesky``, ``majorant``, ``fantastic4``); ``vector`` the
-    estimated top right singular vector ``(C_in, H, W)`` where an iteration produced one;
-    ``freq`` and ``group`` the maximising frequency block (circulant) or group (grouped dense SVDs)."""
-
-    lower: float
-    upper: float
-    how: str
-    vector: Tensor | None = None
-    freq: tuple[int, int] | None = None
-    group: int | None = None
-
-
-def _circulant(weight: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple[int, int]]:
-    kernel = fourier.circulant_kernel(weight, spec.stride, spec.dilation, spec.groups)
-    return kernel, (spec.in_size[0] // spec.stride[0], spec.in_size[1] // spec.stride[1])
-
-
-def _problem_what(where: str, weight: Tensor, spec: ConvSpec, ks, grid) -> str:
-    return (f"{where}: the frequency blocks of the conv {tuple(weight.shape)} {spec.describe(ks)} on a "
-            f"{grid[0]}x{grid[1]} grid")
-
-
-def check_problem(weight: Tensor, spec: ConvSpec, ks, grid, stride, where: str, max_memory: float | None,
-                  kind: str = "max") -> None:
-    """Refuse (:class:`~sepconv.errors.ResourceError`) a circulant problem on ``grid`` whose estimated
-    memory (:func:`fourier.problem_bytes`) exceeds the budget, naming the layer geometry."""
-    nbytes = fourier.problem_bytes(weight, grid, stride, spec.dilation, spec.groups, kind)
-    validate.check_memory(nbytes, _problem_what(where, weight, spec, ks, grid), max_memory)
+__all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "DENSE_FLOPS", "Bracket", "bracket", "check_problem",
+           "circulant_norm", "depthwise_channel_norms", "depthwise_norm", "depthwise_norms", "exact_norm",
+           "norm_bracket", "singular_values", "upper_bound"]
 
 
 def circulant_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_memory: float | None = None) -> Tensor:
@@ -84,7 +58,7 @@ def circulant_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_memory
     tol = validate.tolerance(tol, "circulant_norm")
     if not spec.is_circulant(ks):
         raise ConfigError(f"circulant_norm: {spec.describe(ks)} is not a circulant geometry")
-    kernel, grid = _circulant(weight, spec)
+    kernel, grid = circulant_problem(weight, spec)
     check_problem(weight, spec, ks, spec.in_size, spec.stride, "circulant_norm", max_memory)
     top = fourier.block_max(kernel.detach(), grid, tol)
     return fourier.block_value(kernel, grid, top.freq, top.group, top.value)
@@ -106,7 +80,8 @@ def depthwise_norm(weight: Tensor, spec: ConvSpec, max_memory: float | None = No
     return circulant_norm(weight, spec, max_memory=max_memory)
 
 
-def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec], max_memory: float | None = None) -> list[Tensor]:
+def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec],
+                            max_memory: float | None = None) -> list[Tensor]:
     """Per-channel spectral norms of many depthwise convolutions at once, differentiable: one
     ``(groups,)`` tensor per layer (a channel with depth multiplier ``m`` is its ``m`` filters).
 
@@ -114,7 +89,8 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec], max_me
     and evaluated by one separable DFT (:func:`fourier.vector_block_power`):
     ``sigma_c^2 = max_w (1/s^2) sum_q |K^_c(w + qN/s)|^2`` (Sedghi et al. 2019; Runkel et al. 2021,
     arXiv 2102.06496); with a depth multiplier ``m`` *and* a stride the polyphase blocks are
-    ``m x s^2`` matrices, so their largest singular value per frequency is taken instead. **Exact** for circulant geometries (circular padding); for zero,
+    ``m x s^2`` matrices, so their largest singular value per frequency is taken instead.
+    **Exact** for circulant geometries (circular padding); for zero,
     reflect or replicate padding each value is the **certified upper bound** of
     :func:`bounds.fft_bound` for that channel alone (circular embedding; times the padding factor).
     Half/bfloat16 weights are computed in float32 and their norms returned in the weight's dtype
@@ -136,7 +112,8 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec], max_me
         w, ks = validate.conv_weight(w, spec, "depthwise_norms", name=f"weights[{i}]")
         weights[i] = w
         if w.shape[1] != 1:
-            raise ConfigError(f"depthwise_norms: weights[{i}] {tuple(w.shape)} is not depthwise (C_in/groups must be 1)")
+            raise ConfigError(f"depthwise_norms: weights[{i}] {tuple(w.shape)} is not depthwise "
+                              "(C_in/groups must be 1)")
         maj = fourier.majorant(spec, ks)
         majorants.append(maj)
         key = (tuple(ks), maj.grid, maj.stride, spec.dilation, w.shape[0] // spec.groups, w.dtype, w.device)
@@ -144,7 +121,7 @@ def depthwise_channel_norms(weights: list[Tensor], specs: list[ConvSpec], max_me
         need[key] = need.get(key, 0) + fourier.problem_bytes(w, maj.grid, maj.stride, spec.dilation, spec.groups)
         validate.check_memory(need[key], f"depthwise_norms: the spectra of weights[{i}] {tuple(w.shape)} "
                               f"{spec.describe(ks)} and the layers batched with it", max_memory)
-    for (ks, grid, stride, dilation, *_), idx in batches.items():
+    for (_, grid, stride, dilation, *_), idx in batches.items():
         kernels = [fourier.circulant_kernel(weights[i], stride, dilation, specs[i].groups) for i in idx]
         kernel, sub = torch.cat(kernels, 0), (grid[0] // stride[0], grid[1] // stride[1])
         if kernel.shape[1] > 1 and kernel.shape[2] > 1:
@@ -201,7 +178,7 @@ def singular_values(weight: Tensor, spec: ConvSpec, dense_limit: float = DENSE_F
     weight, ks = validate.conv_weight(weight, spec, "singular_values")
     dense_limit = validate.nonnegative(dense_limit, "singular_values", "dense_limit")
     if spec.is_circulant(ks):
-        kernel, grid = _circulant(weight, spec)
+        kernel, grid = circulant_problem(weight, spec)
         check_problem(weight, spec, ks, spec.in_size, spec.stride, "singular_values", max_memory, kind="all")
         return fourier.all_block_singular_values(kernel, grid)
     g = spec.groups
@@ -215,31 +192,6 @@ def singular_values(weight: Tensor, spec: ConvSpec, dense_limit: float = DENSE_F
     with fourier.lapack_threads():
         sv = torch.linalg.svdvals(spec.group_operators(weight, max_memory=max_memory))
     return sv.flatten().sort(descending=True).values if g > 1 else sv[0]
-
-
-def _warm_start(op: iterative.GramOperator, kernel: Tensor, maj: fourier.Majorant, top: fourier.BlockMax,
-                b: int, seed: int) -> Tensor:
-    """Starting block for LOBPCG: the real and imaginary parts of the majorant's top circulant
-    mode (a plane wave times the top right singular vector of its frequency block, mapped from
-    polyphase to pixel coordinates and cut to the input window), then random vectors."""
-    X = iterative.random_block(op, b, seed)
-    (sh, sw), (mh, mw) = maj.stride, (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
-    blk = fourier.symbol(kernel[top.group: top.group + 1].to(torch.float64), (mh, mw),
-                         torch.tensor([top.freq[0]]), torch.tensor([top.freq[1]]))[0, 0]
-    v = torch.linalg.svd(blk)[2][0].conj()  # top right singular vector, (c * sh * sw,)
-    c = v.numel() // (sh * sw)
-    ph = torch.exp(2j * math.pi * (top.freq[0] * torch.arange(mh, dtype=torch.float64)[:, None] / mh
-                                   + top.freq[1] * torch.arange(mw, dtype=torch.float64)[None, :] / mw))
-    img = (v.reshape(c, sh, sw)[:, :, :, None, None] * ph.conj()).permute(0, 3, 1, 4, 2).reshape(c, mh * sh, mw * sw)
-    H, W = op.spec.in_size
-    img = img[:, :H, :W]
-    k = 0
-    for part in (img.real, img.imag):
-        if k < b and img.shape[1:] == (H, W) and float(part.norm()) > 1e-8:
-            X[top.group, :, k] = part.reshape(-1).to(X)
-            k += 1
-    return X
-
 
 
 def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
@@ -267,184 +219,9 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     finite weights; half/bfloat16 weights are computed like the others (in float64).
     """
     weight, ks = validate.conv_weight(weight, spec, "bracket")
-    args = _bracket_args("bracket", tol, max_iter, certificate_flops, dense_flops, seed, max_memory)
-    return _bracket(weight, spec, ks, *args, lower=bool(lower))
+    args = bracket_args("bracket", tol, max_iter, certificate_flops, dense_flops, seed, max_memory)
+    return solve(weight, spec, ks, *args, lower=bool(lower))
 
-
-def _bracket_args(where: str, tol, max_iter, certificate_flops, dense_flops, seed, max_memory) -> tuple:
-    return (validate.tolerance(tol, where), validate.count(max_iter, where, "max_iter"),
-            validate.nonnegative(certificate_flops, where, "certificate_flops"),
-            validate.nonnegative(dense_flops, where, "dense_flops"),
-            validate.count(seed, where, "seed", 0, 2**63 - 1), validate.budget(max_memory))
-
-
-def _bracket(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_iter: int, certificate_flops: float,
-             dense_flops: float, seed: int, limit: float, lower: bool = True, split: bool = True) -> Bracket:
-    """:func:`bracket` on validated arguments (``limit``: the memory budget in bytes; ``split``:
-    whether a grouped conv may be solved group by group)."""
-    w64 = weight.detach().to(torch.float64)
-    if spec.is_circulant(ks):
-        kernel, grid = _circulant(w64, spec)
-        try:
-            check_problem(w64, spec, ks, spec.in_size, spec.stride, "bracket", limit)
-        except ResourceError:
-            if lower:
-                raise
-            return Bracket(0.0, float(bounds.fantastic_four(w64, spec)), "fantastic4")
-        top = fourier.block_max(kernel, grid, tol)
-        return Bracket(math.sqrt(top.value), math.sqrt(top.upper), "circulant", None, top.freq, top.group)
-    if lower:
-        _check_lower_end(w64, spec, ks, dense_flops, limit)
-    maj = fourier.majorant(spec, ks)
-    sub = (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
-    upper, how, top, kernel = math.inf, "none", None, None
-    try:
-        check_problem(w64, spec, ks, maj.grid, maj.stride, "bracket", limit)
-    except ResourceError:  # the circulant majorant's grid does not fit: Fantastic Four alone
-        pass
-    else:
-        kernel = fourier.circulant_kernel(w64, maj.stride, spec.dilation, spec.groups)
-        top = fourier.block_max(kernel, sub, tol)
-        upper, how = maj.factor * math.sqrt(top.upper), "majorant"
-    f4 = float(bounds.fantastic_four(w64, spec))
-    if f4 < upper:
-        upper, how = f4, "fantastic4"
-    if spec.groups > 1 and split:  # block-diagonal: group by group, never the whole operator's SVD
-        bound = bounds._fantastic_four_groups(w64, spec).min(0).values  # certified, per group
-        if kernel is not None and min(kernel.shape[1], kernel.shape[2]) == 1:  # vector blocks: each group's majorant
-            power = fourier.vector_block_power(kernel, sub).amax((-2, -1))
-            bound = torch.minimum(bound, maj.factor * (power * (1 + 16 * torch.finfo(torch.float64).eps)).sqrt())
-        br = _grouped_dense_bracket(w64, spec, ks, upper, bound, dense_flops, limit)
-        if br is None and lower:
-            br = _grouped_iterative_bracket(w64, spec, ks, upper, bound, tol, max_iter, certificate_flops,
-                                            dense_flops, seed, limit)
-        if br is not None:
-            return br
-    rows = weight.shape[0] * math.prod(spec.out_size(ks))
-    cols = math.prod(spec.input_shape(weight))
-    if (spec.groups == 1 and rows * cols * min(rows, cols) <= dense_flops
-            and spec.operator_bytes(w64, whole=True) <= limit):
-        with fourier.lapack_threads():
-            s = float(torch.linalg.svdvals(spec.dense_operator(w64, max_memory=limit))[0])
-        margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
-        return Bracket(s * (1 - margin), min(upper, s * (1 + margin)), "dense")
-    flops, nbytes = certify.certificate_cost(w64, spec)
-    affordable = flops <= certificate_flops and nbytes <= min(CERTIFICATE_BYTES, limit)
-    if not lower and not affordable:
-        return Bracket(0.0, upper, how)
-    op = iterative.GramOperator(w64, spec)
-    b = iterative.block_size(op)
-    while b > 1 and iterative.lobpcg_bytes(op, b) > limit:
-        b -= 1
-    need = iterative.lobpcg_bytes(op, b)
-    if need > limit:
-        if not lower:
-            return Bracket(0.0, upper, how)
-        validate.check_memory(need, f"bracket: the LOBPCG vectors of the conv {tuple(weight.shape)} "
-                              f"{spec.describe(ks)} (a {op.g}x{op.dim} block per vector)", limit)
-    # Ritz values converge like residual^2 / gap: start loose, tighten only if the certificate fails;
-    # stop as soon as the lower end is within tol of the certified upper end
-    rtol = min(1e-2, 0.1 * math.sqrt(tol)) if affordable else tol / 10
-    target = (upper / (1 + tol)) ** 2
-    X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
-    ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
-    lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
-    if upper > lo * (1 + tol) and affordable:
-        bg = certify.BandedGram(w64, spec)
-        for attempt in range(4):
-            mu = (lo * (1 + tol)) ** 2
-            if bool(certify.cholesky_certificate(bg, mu).all()):
-                upper, how = min(upper, math.sqrt(mu)), "cholesky"
-                break
-            # some group has an eigenvalue above mu: iterate further (the last attempt from a fresh block)
-            rtol /= 10
-            X0 = ritz.X if attempt < 2 else iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1)
-            ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
-            lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
-    return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
-
-
-def _check_lower_end(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], dense_flops: float, limit: float) -> None:
-    """Refuse at once (:class:`~sepconv.errors.ResourceError`) when no route to a lower end fits the
-    budget: neither a dense SVD of one group nor LOBPCG with one vector on one group."""
-    g = spec.groups
-    one = w64[: w64.shape[0] // g]
-    spec1 = ConvSpec(spec.in_size, spec.stride, spec.padding, spec.padding_mode, spec.dilation, 1)
-    rows, cols = one.shape[0] * math.prod(spec.out_size(ks)), one.shape[1] * math.prod(spec.in_size)
-    if rows * cols * min(rows, cols) <= dense_flops and spec1.operator_bytes(one) <= limit:
-        return
-    need = iterative.lobpcg_bytes(iterative.GramOperator(one, spec1), 1)
-    validate.check_memory(need, f"bracket: the LOBPCG vectors of the conv {tuple(w64.shape)} {spec.describe(ks)} "
-                          f"(one vector of {cols} values per group)", limit)
-
-
-def _grouped_iterative_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], upper: float, bound: Tensor,
-                               tol: float, max_iter: int, certificate_flops: float, dense_flops: float, seed: int,
-                               limit: float) -> Bracket:
-    """A grouped conv whose groups are too large for dense SVDs: the generic bracket (LOBPCG, the
-    banded certificate) on the group of largest certified bound ``bound`` alone, then at once on
-    every other group whose bound exceeds the lower end found -- the others are certified below
-    it (the norm of a block-diagonal operator is the max over its blocks). The upper end is the
-    largest upper end of the solved groups (never above ``upper``, the whole conv's bound); the
-    vector is the maximising group's, placed in the whole conv's input."""
-    g = spec.groups
-    c_out, ci, kh, kw = w64.shape
-    blocks = w64.reshape(g, c_out // g, ci, kh, kw)
-    order = bound.argsort(descending=True).tolist()
-    lo, up, how, vec, grp = 0.0, 0.0, "none", None, None
-    todo = [order[0]]
-    done = set()
-    while todo:
-        sub = ConvSpec(spec.in_size, spec.stride, spec.padding, spec.padding_mode, spec.dilation, len(todo))
-        br = _bracket(blocks[todo].reshape(-1, ci, kh, kw), sub, ks, tol, max_iter, certificate_flops, dense_flops,
-                      seed, limit, lower=True, split=False)
-        done.update(todo)
-        if br.upper > up:
-            up, how = br.upper, br.how
-        if br.lower > lo and br.vector is not None:
-            lo = br.lower
-            j = int(br.vector.reshape(len(todo), -1).norm(dim=1).argmax())  # the group holding the vector
-            grp = todo[j]
-            vec = w64.new_zeros(g * ci, *spec.in_size)
-            vec[grp * ci:(grp + 1) * ci] = br.vector[j * ci:(j + 1) * ci]
-        todo = [i for i in order if i not in done and float(bound[i]) > lo]
-    rest = [float(bound[i]) for i in order if i not in done]
-    up = max([up] + rest)  # the unsolved groups are certified below lo <= up
-    return Bracket(lo, max(lo, min(upper, up)), how, vec, group=grp)
-
-
-def _grouped_dense_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], upper: float, bound: Tensor,
-                           dense_flops: float, limit: float, batch_bytes: float = 2**28) -> Bracket | None:
-    """A grouped (e.g. depthwise) convolution is block-diagonal: ``sigma = max_g sigma(T_g)``, and
-    each group is a small operator. Groups are visited in decreasing order of a certified upper
-    bound per group ``bound`` -- the smaller of Fantastic Four and, for vector blocks (depthwise),
-    the group's circulant majorant ``max_w |K^_c(w)|`` on the embedding grid, nearly exact -- and solved by
-    dense SVDs in batches of growing size (1, 2, 4, ... up to about ``batch_bytes`` of operators
-    and SVD copies), until every remaining group's bound is below the best value found (then none
-    of them can hold the maximum). Exact (LAPACK's backward-stable SVD, with its rounding margin);
-    the maximising group is recorded in ``group``. ``None`` when one group is too large for a
-    dense SVD (``dense_flops``) or for the memory budget ``limit`` (bytes)."""
-    g = spec.groups
-    rows = (w64.shape[0] // g) * math.prod(spec.out_size(ks))
-    cols = w64.shape[1] * math.prod(spec.in_size)
-    one = spec.operator_bytes(w64, 1)
-    if rows * cols * min(rows, cols) > dense_flops or one > limit:
-        return None
-    order = bound.argsort(descending=True)
-    margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps
-    step = max(1, int(min(batch_bytes, limit) // one))
-    best, arg, i, n = 0.0, int(order[0]), 0, 1
-    while i < g:
-        idx = order[i:i + n]
-        i, n = i + n, min(2 * n, step)
-        if float(bound[idx[0]]) <= best * (1 - margin):
-            break  # every remaining group is certified below the best one
-        with fourier.lapack_threads():
-            top = torch.linalg.svdvals(spec.group_operators(w64, idx, max_memory=limit))[:, 0]
-        j = int(top.argmax())
-        if float(top[j]) > best:
-            best, arg = float(top[j]), int(idx[j])
-    return Bracket(best * (1 - margin), min(upper, best * (1 + margin)), "dense", group=arg)
 
 
 def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
@@ -464,10 +241,10 @@ def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int 
     bytes (default 2 GiB; see :func:`bracket`).
     """
     weight, ks = validate.conv_weight(weight, spec, "exact_norm")
-    args = _bracket_args("exact_norm", tol, max_iter, certificate_flops, dense_flops, 0, max_memory)
+    args = bracket_args("exact_norm", tol, max_iter, certificate_flops, dense_flops, 0, max_memory)
     if spec.is_circulant(ks):
         return circulant_norm(weight, spec, args[0], max_memory=args[-1])
-    br = _bracket(weight, spec, ks, *args)
+    br = solve(weight, spec, ks, *args)
     if br.how == "dense":  # the SVD in float64 (the bracket's), differentiably cast back to the weight's dtype
         w64 = weight.to(torch.float64)
         with fourier.lapack_threads():
@@ -485,6 +262,7 @@ def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int 
     return (num / torch.linalg.vector_norm(v, dtype=torch.float64)).to(weight.dtype)
 
 
+
 def norm_bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, max_iter: int = 500,
                  certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS, seed: int = 0,
                  lower: bool = True, max_memory: float | None = None) -> tuple[Tensor, Tensor]:
@@ -498,62 +276,27 @@ def norm_bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, max_iter: in
     (default 2 GiB). Returned in the weight's dtype -- float32 for half/bfloat16 weights, which
     are computed like the others -- rounded outwards so the bracket stays a bracket.
     """
-    weight, ks = validate.conv_weight(weight, spec, "norm_bracket")
-    args = _bracket_args("norm_bracket", tol, max_iter, certificate_flops, dense_flops, seed, max_memory)
-    br = _bracket(weight, spec, ks, *args, lower=bool(lower))
-    validate.finite_result(br.upper, "norm_bracket")
-    return _outward(br.lower, weight, -math.inf), _outward(br.upper, weight, math.inf)
+    return _norm_bracket("norm_bracket", weight, spec, tol, max_iter, certificate_flops, dense_flops, seed,
+                         lower=lower, max_memory=max_memory)
 
 
-def _outward(v: float, like: Tensor, direction: float) -> Tensor:
-    """``v`` in ``like``'s dtype, rounded towards ``direction`` so a bracket stays a bracket."""
-    t = torch.tensor(v, dtype=like.dtype, device=like.device)
-    if (float(t) - v) * direction < 0:
-        t = torch.nextafter(t, torch.tensor(direction, dtype=like.dtype, device=like.device))
-    return t
-
-
-METHODS = ("exact", "fft", "gram", "fantastic4", "power", "reshape")
-
-
-def _method(method: str):
-    return {"exact": exact_norm, "fft": bounds.fft_bound, "gram": bounds.gram_iteration,
-            "fantastic4": bounds.fantastic_four, "power": iterative.power_iteration,
-            "reshape": bounds.reshape_norm}.get(method) if isinstance(method, str) else None
-
-
-def spectral_norm(weight: Tensor, spec: ConvSpec, method: str = "exact", **kw) -> Tensor:
-    """Spectral norm of the convolution ``(weight, spec)`` by ``method``, a 0-dim tensor.
-
-    * ``exact`` -- the true largest singular value within ``tol`` (:func:`exact_norm`);
-    * ``fft`` -- certified upper bound by circular embedding (exact for circular padding;
-      :func:`bounds.fft_bound`);
-    * ``gram`` -- certified upper bound by Gram iteration, Delattre et al. 2023
-      (:func:`bounds.gram_iteration`, ``iters``);
-    * ``fantastic4`` -- certified upper bound of Singla & Feizi 2021 (:func:`bounds.fantastic_four`);
-    * ``power`` -- operator power iteration, an estimate from below (:func:`iterative.power_iteration`,
-      ``iters``, ``x``);
-    * ``reshape`` -- torch's ``spectral_norm`` value, neither a bound nor exact (:func:`bounds.reshape_norm`).
-
-    Keywords go to the method's function (an unknown one is a :class:`~sepconv.errors.ConfigError`);
-    ``max_memory`` (bytes, default 2 GiB) bounds the memory of ``exact``, ``fft``, ``gram`` and
-    ``power``. Half/bfloat16 weights are computed in float32 and the result is float32.
+def upper_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, max_iter: int = 200,
+                max_memory: float | None = None) -> Tensor:
+    """The tightest **certified upper bound** available for the geometry: the upper end of
+    :func:`norm_bracket` with ``lower=False`` (exact where circulant, a dense SVD for tiny layers,
+    the banded Cholesky certificate within ``tol`` when affordable -- its LOBPCG lower end, of at
+    most ``max_iter`` iterations, only sharpens it -- else the circulant majorant or Fantastic
+    Four; docs/spectral.md Sec. 2-6). Not differentiable (a number from the search, returned in
+    the weight's dtype, rounded upwards). Validated and memory-bounded like :func:`bracket`.
     """
-    fn = _method(method)
-    if fn is None:
-        raise ConfigError(f"spectral_norm: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    weight, _ = validate.conv_weight(weight, spec, "spectral_norm")
-    params = inspect.signature(fn).parameters
-    bad = [k for k in kw if k not in params or k in ("weight", "spec")]
-    if bad:
-        allowed = [k for k in params if k not in ("weight", "spec")]
-        raise ConfigError(f"spectral_norm: method {method!r} takes no argument {bad[0]!r} "
-                          f"(it takes {', '.join(allowed) or 'no options'})")
-    if method == "reshape":
-        out = fn(weight, **kw)
-    elif method == "power":
-        out = fn(weight, spec, **kw)[0]
-    else:
-        out = fn(weight, spec, **kw)
-    validate.finite_result(out, f"spectral_norm (method {method!r})")
-    return out
+    return _norm_bracket("upper_bound", weight, spec, tol, max_iter, CERTIFICATE_FLOPS, DENSE_FLOPS, 0,
+                         lower=False, max_memory=max_memory)[1]
+
+
+def _norm_bracket(where: str, weight: Tensor, spec: ConvSpec, *args, lower: bool, max_memory) -> tuple[Tensor, Tensor]:
+    """:func:`norm_bracket` as ``where``: ``args`` are its ``tol, max_iter, certificate_flops,
+    dense_flops, seed``."""
+    weight, ks = validate.conv_weight(weight, spec, where)
+    br = solve(weight, spec, ks, *bracket_args(where, *args, max_memory), lower=bool(lower))
+    validate.finite_result(br.upper, where)
+    return outward(br.lower, weight, -math.inf), outward(br.upper, weight, math.inf)

@@ -3,7 +3,7 @@
 The operator is what ``nn.Conv2d`` computes (:meth:`ConvSpec.apply`) and its exact adjoint
 (:meth:`ConvSpec.adjoint`: the transposed convolution followed by the adjoint of the padding
 map) -- never the channel-swapped, unflipped kernel, which is the adjoint only for centrally
-symmetric kernels (reference/spectral.md Sec. 3). Iterations give **lower** bounds: every
+symmetric kernels (docs/spectral.md Sec. 3). Iterations give **lower** bounds: every
 Ritz value is a Rayleigh quotient of ``A = T^T T``. Upper bounds come from
 :mod:`sepconv.spectral.certify` and :mod:`sepconv.spectral.bounds`.
 """
@@ -20,6 +20,9 @@ from ..errors import ConfigError
 from . import validate
 from .spec import ConvSpec
 
+__all__ = ["GramOperator", "Ritz", "block_size", "lobpcg", "lobpcg_bytes", "orthonormalize", "power_iteration",
+           "random_block", "rayleigh_ritz", "top_vector", "vector_bytes"]
+
 
 def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor | None = None,
                     generator: torch.Generator | None = None, max_memory: float | None = None) -> tuple[Tensor, Tensor]:
@@ -33,7 +36,7 @@ def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor |
     With a persistent ``x`` one step per training step is enough. Entries below
     ``sqrt(tiny)`` of the unit-norm iterate (1e-19 in float32) are flushed to zero: on depthwise
     layers the vector collapses onto the top channel and the others would decay into subnormal
-    floats, which slow every convolution several-fold (reference/anchors.md); they contribute
+    floats, which slow every convolution several-fold (BENCHMARKS.md); they contribute
     less than ``tiny`` to ``||x||^2``, so the Rayleigh quotient is unaffected.
 
     Validated: ``0 <= iters <= 10^6``, ``x`` finite with ``C_in H W`` entries; half/bfloat16
@@ -108,7 +111,8 @@ def orthonormalize(Z: Tensor, against: Tensor | None = None) -> Tensor:
         d = G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
         lam, V = torch.linalg.eigh(d[..., :, None] * G * d[..., None, :])
         keep = lam > 1e-12 * lam[..., -1:].clamp_min(1e-300)
-        Z = Z @ (d[..., :, None] * V * torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))[..., None, :])
+        scale = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+        Z = Z @ (d[..., :, None] * V * scale[..., None, :])
     return Z
 
 
@@ -137,15 +141,16 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
     (Knyazev 2001, SIAM J. Sci. Comput. 23(2)), until the top residual of every group is
     ``<= rtol * theta_1`` (then an eigenvalue lies within ``rtol theta_1`` of ``theta_1``), the
     largest Ritz value reaches ``target`` (a lower bound good enough for the caller: e.g. within
-    ``tol`` of a certified upper bound), or ``max_iter`` iterations. The search directions are applied to ``A`` explicitly each step
-    (no implicit updates of ``A P``, whose rounding would corrupt converged residuals), and the
-    final Ritz values come from freshly applied vectors: they are Rayleigh quotients.
+    ``tol`` of a certified upper bound), or ``max_iter`` iterations. The search directions are
+    applied to ``A`` explicitly each step (no implicit updates of ``A P``, whose rounding would
+    corrupt converged residuals), and the final Ritz values come from freshly applied vectors:
+    they are Rayleigh quotients.
     """
     b = X0.shape[-1]
     X = orthonormalize(X0)
     AX, P = op(X), None
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 -- the count is reported after the loop
         theta, X, AX = rayleigh_ritz(X, AX, b)
         R = AX - X * theta[:, None, :]
         res = R.norm(dim=1)
@@ -196,6 +201,3 @@ def top_vector(op: GramOperator, ritz: Ritz) -> Tensor:
     mask = (torch.arange(op.g, device=ritz.X.device) == gi).to(ritz.X.dtype)[:, None, None]
     return op.to_image(ritz.X[:, :, :1] * mask)[0]
 
-
-__all__ = ["power_iteration", "GramOperator", "lobpcg_bytes", "vector_bytes", "lobpcg", "Ritz", "orthonormalize", "rayleigh_ritz",
-           "block_size", "random_block", "top_vector"]

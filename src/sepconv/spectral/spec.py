@@ -16,7 +16,6 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +23,15 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedLayerError
 from ..guard import tensor_bytes
-from . import validate
+from .budget import check_memory
+
+__all__ = ["PADDING_MODES", "ConvSpec", "norm_of_padding", "pad_copies", "tap_matrices_1d", "tap_sources_1d"]
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 _TORCH_PAD_MODE = {"zeros": "constant", "circular": "circular", "reflect": "reflect", "replicate": "replicate"}
 
 Pair = tuple[int, int]
-Padding = Union[str, tuple[int, int, int, int]]
+Padding = str | tuple[int, int, int, int]
 
 
 def _is_int(a) -> bool:
@@ -196,7 +197,8 @@ class ConvSpec:
         if weight.is_complex() or not weight.is_floating_point():
             raise ConfigError(f"{name}: expected a real floating-point weight, got {weight.dtype}")
         if weight.device.type == "meta" or weight.layout != torch.strided:
-            what = "a meta tensor (shapes only, no values)" if weight.device.type == "meta" else f"a {weight.layout} tensor"
+            meta = weight.device.type == "meta"
+            what = "a meta tensor (shapes only, no values)" if meta else f"a {weight.layout} tensor"
             raise ConfigError(f"{name}: expected a dense weight with values, got {what}")
         c_out, _, kh, kw = weight.shape
         if c_out % self.groups:
@@ -261,11 +263,11 @@ class ConvSpec:
         pixel (after padding, stride and dilation) feeds which output pixel: the Kronecker product
         of the two 1-D tap matrices (:func:`tap_matrices_1d`; every padding mode pads each dimension
         on its own). Exact. Refuses (:class:`~sepconv.errors.ResourceError`) above ``max_memory``
-        bytes (default 2 GiB; :func:`sepconv.spectral.validate.budget`)."""
+        bytes (default 2 GiB; :func:`sepconv.spectral.budget.budget`)."""
         kh, kw = (int(k) for k in kernel_size)
         (H, W), (Ho, Wo) = self.in_size, self.out_size((kh, kw))
         nbytes = 2 * tensor_bytes((kh * kw, Ho * Wo, H * W), dtype)
-        validate.check_memory(nbytes, f"the tap matrices of {self.describe((kh, kw))}", max_memory)
+        check_memory(nbytes, f"the tap matrices of {self.describe((kh, kw))}", max_memory)
         Ph, Pw = self._taps_1d((kh, kw), dtype, device)
         return torch.einsum("axy,bzv->abxzyv", Ph, Pw).reshape(kh * kw, Ho * Wo, H * W)
 
@@ -294,10 +296,10 @@ class ConvSpec:
         sum ``sum_a K_a (x) P_a`` of tap matrices (:meth:`spatial_taps`). Exact; memory
         ``O(rows * cols)`` -- for tests and small layers: refused
         (:class:`~sepconv.errors.ResourceError`, with the estimate of :meth:`operator_bytes`) above
-        ``max_memory`` bytes (default 2 GiB; :func:`sepconv.spectral.validate.budget`). A grouped
+        ``max_memory`` bytes (default 2 GiB; :func:`sepconv.spectral.budget.budget`). A grouped
         conv's blocks alone are :meth:`group_operators`, ``groups`` times smaller."""
         kh, kw = self.check(weight)
-        validate.check_memory(self.operator_bytes(weight, whole=True), self._operator_what(weight, (kh, kw), True),
+        check_memory(self.operator_bytes(weight, whole=True), self._operator_what(weight, (kh, kw), True),
                               max_memory)
         blocks = self.group_operators(weight, max_memory=float("inf"))
         return torch.block_diag(*blocks) if self.groups > 1 else blocks[0]
@@ -325,7 +327,7 @@ class ConvSpec:
         w = weight.reshape(g, co, ci, kh, kw)
         if groups is not None:
             w = w[groups]
-        validate.check_memory(self.operator_bytes(weight, w.shape[0]),
+        check_memory(self.operator_bytes(weight, w.shape[0]),
                               self._operator_what(weight, (kh, kw), False, w.shape[0]), max_memory)
         Ph, Pw = self._taps_1d((kh, kw), weight.dtype, weight.device)  # (kh, Ho, H), (kw, Wo, W)
         part = torch.einsum("goiab,axy->goibxy", w, Ph)  # small: (n, co, ci, kw, Ho, H)

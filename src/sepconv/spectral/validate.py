@@ -11,7 +11,9 @@ that makes every test pass, a half-precision weight rounded into a "certified" b
   (not ``meta``, not sparse) that fits the geometry; half and bfloat16 weights are
   **computed in float32** (LAPACK has no half precision, and a rounded bound is no bound) and
   the result is float32;
-* memory -- :func:`budget` and :func:`check_memory`: every path that builds a dense matrix, a
+* models -- :func:`model`: an ``nn.Module`` whose parameters and buffers hold finite values;
+* memory -- :func:`budget` and :func:`check_memory` (:mod:`sepconv.spectral.budget`, re-exported
+  here): every path that builds a dense matrix, a
   frequency grid or a block of vectors estimates its bytes first and refuses
   (:class:`~sepconv.errors.ResourceError`, with the estimate) above ``max_memory``, by default
   :data:`MAX_MEMORY` (2 GiB, or ``$SEPCONV_MEMORY_LIMIT`` when set).
@@ -22,45 +24,21 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import guard
 from ..errors import ConfigError
+from .budget import MAX_MEMORY, budget, check_memory
+from .spec import ConvSpec
 
-#: Default memory budget (bytes) of one spectral computation: ``max_memory=None``.
-MAX_MEMORY = 2 * 2**30
+__all__ = ["MAX_COUNT", "MAX_MEMORY", "budget", "check_memory", "conv_weight", "count", "finite_result", "model",
+           "nonnegative", "positive", "shape", "spec", "tensor", "tolerance"]
+
 #: Iteration counts above this are refused (a typo such as ``max_iter=1e9`` would never end).
 MAX_COUNT = 10**6
-_SMALL = 64 * 2**20
-
-
-def budget(max_memory: float | None = None) -> float:
-    """The memory budget in bytes: ``max_memory`` when given (``float('inf')``: no limit), else
-    ``$SEPCONV_MEMORY_LIMIT`` when set, else the smaller of :data:`MAX_MEMORY` and the machine's
-    budget (:func:`sepconv.guard.memory_budget`)."""
-    if max_memory is None:
-        if os.environ.get(guard.MEMORY_ENV):
-            return guard.memory_budget()
-        return min(MAX_MEMORY, guard.memory_budget())
-    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or not max_memory > 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-    return float(max_memory)
-
-
-def check_memory(nbytes: float, what: str, max_memory: float | None = None) -> None:
-    """Refuse (:class:`~sepconv.errors.ResourceError`) when ``what`` needs more than :func:`budget`
-    bytes; the message holds the estimate and how to raise the budget. Small requests under the
-    default budget return at once (no look-up of the machine's limits in hot loops)."""
-    if max_memory is None and nbytes <= _SMALL and not os.environ.get(guard.MEMORY_ENV):
-        return
-    limit = budget(max_memory)
-    if nbytes > limit:
-        guard.check_memory(nbytes, what, budget=int(min(limit, 2**63 - 1)),
-                           hint="pass max_memory (bytes)")
 
 
 def tolerance(tol, where: str, name: str = "tol") -> float:
@@ -90,8 +68,6 @@ def nonnegative(v, where: str, name: str) -> float:
 
 def spec(s, where: str):
     """``s`` must be a :class:`~sepconv.spectral.spec.ConvSpec`."""
-    from .spec import ConvSpec
-
     if not isinstance(s, ConvSpec):
         raise ConfigError(f"{where}: spec must be a ConvSpec (ConvSpec(in_size, ...) or ConvSpec.of(conv, in_size)), "
                           f"got {type(s).__name__}")
@@ -127,7 +103,8 @@ def shape(input_shape, where: str, dims: Sequence[int] = (3,)) -> tuple[int, ...
     try:
         items = tuple(input_shape)
     except TypeError:
-        raise ConfigError(f"{where}: input_shape must be a sequence of ints such as (C, H, W), got {input_shape!r}") from None
+        raise ConfigError(f"{where}: input_shape must be a sequence of ints such as (C, H, W), "
+                          f"got {input_shape!r}") from None
     if len(items) not in dims:
         want = " or ".join(f"{d} ints" for d in dims)
         raise ConfigError(f"{where}: input_shape must be {want} ((C, H, W)), got {items!r}")
@@ -146,11 +123,31 @@ def shape(input_shape, where: str, dims: Sequence[int] = (3,)) -> tuple[int, ...
 def finite_result(value: Tensor | float, where: str) -> None:
     """A computed norm or bound must not be NaN (an overflow to ``inf`` in an upper bound is still
     a valid bound; NaN is never a result)."""
-    v = float(value) if not isinstance(value, Tensor) else float(value.detach().double().max()) if value.numel() else 0.0
+    if isinstance(value, Tensor):
+        v = float(value.detach().double().max()) if value.numel() else 0.0
+    else:
+        v = float(value)
     if math.isnan(v):
         raise ConfigError(f"{where}: the computation produced NaN (weights too large for their dtype?); "
                           "pass float64 weights")
 
 
-__all__ = ["MAX_MEMORY", "budget", "check_memory", "conv_weight", "count", "finite_result", "nonnegative", "shape",
-           "spec", "tensor", "tolerance"]
+
+def positive(v, where: str, name: str) -> float:
+    """A finite real number ``> 0`` (e.g. ``input_bound``, the largest input norm)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < float(v) < math.inf):
+        raise ConfigError(f"{where}: {name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def model(m, where: str) -> nn.Module:
+    """``m`` is an ``nn.Module`` whose parameters and buffers hold finite values (not meta)."""
+    if not isinstance(m, nn.Module):
+        raise ConfigError(f"{where}: model must be a torch.nn.Module, got {type(m).__name__}")
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        if t.device.type == "meta":
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            raise ConfigError(f"{where}: layer {layer!r} has meta tensors ({name!r}: shapes only, no values); "
+                              "load the weights first")
+    guard.check_finite(m, where)
+    return m

@@ -1,0 +1,93 @@
+"""``sepconv convert``: convert a model's trained regular convs into separable ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from torch import nn
+
+from ..data import list_datasets, load_dataset
+from ..decompose import METHODS as CONVERT_METHODS
+from ..decompose import convert, target_names
+from ..errors import ConfigError
+from ..guard import writable_dir
+from ..io import atomic_write_text, model_from_spec, save_model
+from .args import add_trust_code, energy_arg, positive_int, rank_arg, speedup_arg
+
+
+def add(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert a model's trained regular convs into separable ones (He et al.)",
+                       description="Replace every regular k x k conv (groups 1) by a depthwise separable block: "
+                                   "depth-wise decomposition (dsc), BSConv-U/S, or channel decomposition; "
+                                   "data-free (svd) or fitted on calibration images (gsvd). Prints the per-layer "
+                                   "report, writes OUT/report.json and the model to OUT/model (fine-tune it with "
+                                   "`sepconv train --init OUT/model`).")
+    p.add_argument("model", metavar="MODEL", help="registry name, saved model directory, or package.module:callable")
+    p.add_argument("--to", choices=target_names(), default="dsc",
+                   help="target form (default dsc: depthwise then pointwise)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=rank_arg, metavar="R", help="per-layer rank, or 'full' (exact); default 1")
+    g.add_argument("--energy", type=energy_arg, metavar="E",
+                   help="per layer the smallest rank whose mean retained spectral energy reaches E in (0, 1]")
+    g.add_argument("--speedup", type=speedup_arg, metavar="S",
+                   help="ranks such that the converted layers' FLOPs are about 1/S of the originals")
+    p.add_argument("--method", choices=CONVERT_METHODS, default="svd",
+                   help="svd: data-free; gsvd: fitted on calibration images (needs --data)")
+    p.add_argument("--single-layer", dest="multilayer", action="store_false",
+                   help="gsvd: fit each layer on the original inputs (default: on the partly converted network's)")
+    p.add_argument("--p", type=energy_arg, default=None, metavar="P",
+                   help="bsconv_s: subspace fraction as in BSConv-S (default: keep the pointwise rank)")
+    p.add_argument("--data", metavar="NAME",
+                   help=f"calibration dataset (its train split), one of {', '.join(list_datasets())}")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
+    p.add_argument("--image-size", type=positive_int, help="resize calibration images to this size")
+    p.add_argument("--samples", type=positive_int, default=512, help="calibration images (default 512)")
+    p.add_argument("--max-patches", type=positive_int, default=4096, help="sampled patches per layer (default 4096)")
+    p.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"),
+                   help="input height and width without --data (default: the model's registered size)")
+    p.add_argument("--weights", metavar="FILE", help="state dict (.safetensors or .pt) loaded strictly on top")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (to match --weights)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default runs/convert-TO); the model goes to OUT/model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_trust_code(p)
+    return p
+
+
+def run(args) -> int:
+
+
+
+    if args.method == "gsvd" and not args.data:
+        raise ConfigError("--method gsvd fits on calibration images: give --data NAME (or use --method svd)")
+    out = writable_dir(args.out or f"runs/convert-{args.to}", "--out")  # before the work, not after it
+    data = None
+    kw = {}
+    if args.data:
+        data = load_dataset(args.data, args.data_dir, split="train", image_size=args.image_size)
+        kw = dict(in_chans=data.in_chans, num_classes=args.num_classes or data.num_classes)
+    elif args.num_classes:
+        kw = dict(num_classes=args.num_classes)
+    model = model_from_spec(args.model, weights=args.weights, trust_code=args.trust_code, **kw)
+    input_size = None
+    if data is None and args.input_size:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise ConfigError(f"{args.model}: the model has no Conv2d layer to convert")
+        input_size = (first.in_channels, *args.input_size)
+    new, rep = convert(model, to=args.to, rank=args.rank, energy=args.energy, speedup=args.speedup,
+                       method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
+                       num_samples=args.samples, max_patches=args.max_patches, p=args.p,
+                       progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
+    doc = {"model": args.model, "data": args.data, **rep.to_dict()}
+    save_model(new, out / "model")
+    atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(rep.table())
+        print(f"model saved to {out / 'model'} (fine-tune: sepconv train --init {out / 'model'}); "
+              f"report: {out / 'report.json'}")
+    return 0

@@ -1,0 +1,282 @@
+"""The certified bracket ``lower <= sigma_max <= upper`` of a convolution, for any geometry.
+
+Circulant geometries are solved exactly on their frequency blocks. **Everything else** (zero,
+reflect, replicate padding; cropped or repeated outputs) has no closed form: the lower end is a
+Rayleigh quotient from block LOBPCG on ``T^T T`` (warm-started from the circulant majorant's top
+mode; :mod:`sepconv.spectral.iterative`), the upper end the tightest certified bound available --
+the circulant majorant / Fantastic Four (:mod:`sepconv.spectral.bounds`), and a block-banded
+Cholesky certificate of ``mu I - T^T T`` at ``mu = (lower (1 + tol))^2``
+(:mod:`sepconv.spectral.certify`) whenever its cost fits the budget; tiny layers (or the groups
+of a grouped conv) are solved by dense SVDs (docs/spectral.md Sec. 1-6). The public entry points
+are :func:`sepconv.spectral.exact.bracket`, :func:`~sepconv.spectral.exact.norm_bracket` and
+:func:`~sepconv.spectral.exact.exact_norm`; this module holds the search they share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ResourceError
+from . import bounds, certify, fourier, iterative, validate
+from .spec import ConvSpec
+
+__all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "DENSE_FLOPS", "Bracket", "bracket_args", "check_problem",
+           "circulant_problem", "outward", "solve"]
+
+#: Dense SVD of the operator when ``rows * cols * min(rows, cols)`` is at most this.
+DENSE_FLOPS = 3e9
+#: Banded Cholesky certificate when its flop count and memory are at most these.
+CERTIFICATE_FLOPS = 2e11
+CERTIFICATE_BYTES = 1.5e9
+
+
+@dataclass
+class Bracket:
+    """``lower <= sigma_max <= upper`` (certified); ``how`` names what certified the upper end
+    (``circulant``, ``dense``, ``cholesky``, ``majorant``, ``fantastic4``); ``vector`` the
+    estimated top right singular vector ``(C_in, H, W)`` where an iteration produced one;
+    ``freq`` and ``group`` the maximising frequency block (circulant) or group (grouped dense SVDs)."""
+
+    lower: float
+    upper: float
+    how: str
+    vector: Tensor | None = None
+    freq: tuple[int, int] | None = None
+    group: int | None = None
+
+
+def circulant_problem(weight: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple[int, int]]:
+    kernel = fourier.circulant_kernel(weight, spec.stride, spec.dilation, spec.groups)
+    return kernel, (spec.in_size[0] // spec.stride[0], spec.in_size[1] // spec.stride[1])
+
+
+def _problem_what(where: str, weight: Tensor, spec: ConvSpec, ks, grid) -> str:
+    return (f"{where}: the frequency blocks of the conv {tuple(weight.shape)} {spec.describe(ks)} on a "
+            f"{grid[0]}x{grid[1]} grid")
+
+
+def check_problem(weight: Tensor, spec: ConvSpec, ks, grid, stride, where: str, max_memory: float | None,
+                  kind: str = "max") -> None:
+    """Refuse (:class:`~sepconv.errors.ResourceError`) a circulant problem on ``grid`` whose estimated
+    memory (:func:`fourier.problem_bytes`) exceeds the budget, naming the layer geometry."""
+    nbytes = fourier.problem_bytes(weight, grid, stride, spec.dilation, spec.groups, kind)
+    validate.check_memory(nbytes, _problem_what(where, weight, spec, ks, grid), max_memory)
+
+
+def bracket_args(where: str, tol, max_iter, certificate_flops, dense_flops, seed, max_memory) -> tuple:
+    return (validate.tolerance(tol, where), validate.count(max_iter, where, "max_iter"),
+            validate.nonnegative(certificate_flops, where, "certificate_flops"),
+            validate.nonnegative(dense_flops, where, "dense_flops"),
+            validate.count(seed, where, "seed", 0, 2**63 - 1), validate.budget(max_memory))
+
+
+def solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_iter: int, certificate_flops: float,
+             dense_flops: float, seed: int, limit: float, lower: bool = True, split: bool = True) -> Bracket:
+    """:func:`bracket` on validated arguments (``limit``: the memory budget in bytes; ``split``:
+    whether a grouped conv may be solved group by group)."""
+    # NB: one function on purpose (~85 lines): the routes -- circulant, grouped, dense SVD, LOBPCG and
+    # the certificate -- are tried in order of cost and share the upper end found so far; split up,
+    # that state would travel through every helper's arguments.
+    w64 = weight.detach().to(torch.float64)
+    if spec.is_circulant(ks):
+        kernel, grid = circulant_problem(w64, spec)
+        try:
+            check_problem(w64, spec, ks, spec.in_size, spec.stride, "bracket", limit)
+        except ResourceError:
+            if lower:
+                raise
+            return Bracket(0.0, float(bounds.fantastic_four(w64, spec)), "fantastic4")
+        top = fourier.block_max(kernel, grid, tol)
+        return Bracket(math.sqrt(top.value), math.sqrt(top.upper), "circulant", None, top.freq, top.group)
+    if lower:
+        _check_lower_end(w64, spec, ks, dense_flops, limit)
+    maj = fourier.majorant(spec, ks)
+    sub = (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
+    upper, how, top, kernel = math.inf, "none", None, None
+    try:
+        check_problem(w64, spec, ks, maj.grid, maj.stride, "bracket", limit)
+    except ResourceError:  # the circulant majorant's grid does not fit: Fantastic Four alone
+        pass
+    else:
+        kernel = fourier.circulant_kernel(w64, maj.stride, spec.dilation, spec.groups)
+        top = fourier.block_max(kernel, sub, tol)
+        upper, how = maj.factor * math.sqrt(top.upper), "majorant"
+    f4 = float(bounds.fantastic_four(w64, spec))
+    if f4 < upper:
+        upper, how = f4, "fantastic4"
+    if spec.groups > 1 and split:  # block-diagonal: group by group, never the whole operator's SVD
+        bound = bounds._fantastic_four_groups(w64, spec).min(0).values  # certified, per group
+        if kernel is not None and min(kernel.shape[1], kernel.shape[2]) == 1:  # vector blocks: each group's majorant
+            power = fourier.vector_block_power(kernel, sub).amax((-2, -1))
+            bound = torch.minimum(bound, maj.factor * (power * (1 + 16 * torch.finfo(torch.float64).eps)).sqrt())
+        br = _grouped_dense_bracket(w64, spec, ks, upper, bound, dense_flops, limit)
+        if br is None and lower:
+            br = _grouped_iterative_bracket(w64, spec, ks, upper, bound, tol, max_iter, certificate_flops,
+                                            dense_flops, seed, limit)
+        if br is not None:
+            return br
+    rows = weight.shape[0] * math.prod(spec.out_size(ks))
+    cols = math.prod(spec.input_shape(weight))
+    if (spec.groups == 1 and rows * cols * min(rows, cols) <= dense_flops
+            and spec.operator_bytes(w64, whole=True) <= limit):
+        with fourier.lapack_threads():
+            s = float(torch.linalg.svdvals(spec.dense_operator(w64, max_memory=limit))[0])
+        margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
+        return Bracket(s * (1 - margin), min(upper, s * (1 + margin)), "dense")
+    flops, nbytes = certify.certificate_cost(w64, spec)
+    affordable = flops <= certificate_flops and nbytes <= min(CERTIFICATE_BYTES, limit)
+    if not lower and not affordable:
+        return Bracket(0.0, upper, how)
+    op = iterative.GramOperator(w64, spec)
+    b = iterative.block_size(op)
+    while b > 1 and iterative.lobpcg_bytes(op, b) > limit:
+        b -= 1
+    need = iterative.lobpcg_bytes(op, b)
+    if need > limit:
+        if not lower:
+            return Bracket(0.0, upper, how)
+        validate.check_memory(need, f"bracket: the LOBPCG vectors of the conv {tuple(weight.shape)} "
+                              f"{spec.describe(ks)} (a {op.g}x{op.dim} block per vector)", limit)
+    # Ritz values converge like residual^2 / gap: start loose, tighten only if the certificate fails;
+    # stop as soon as the lower end is within tol of the certified upper end
+    rtol = min(1e-2, 0.1 * math.sqrt(tol)) if affordable else tol / 10
+    target = (upper / (1 + tol)) ** 2
+    X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
+    ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+    lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
+    if upper > lo * (1 + tol) and affordable:
+        bg = certify.BandedGram(w64, spec)
+        for attempt in range(4):
+            mu = (lo * (1 + tol)) ** 2
+            if bool(certify.cholesky_certificate(bg, mu).all()):
+                upper, how = min(upper, math.sqrt(mu)), "cholesky"
+                break
+            # some group has an eigenvalue above mu: iterate further (the last attempt from a fresh block)
+            rtol /= 10
+            X0 = ritz.X if attempt < 2 else iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1)
+            ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+            lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
+    return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
+
+
+def _check_lower_end(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], dense_flops: float, limit: float) -> None:
+    """Refuse at once (:class:`~sepconv.errors.ResourceError`) when no route to a lower end fits the
+    budget: neither a dense SVD of one group nor LOBPCG with one vector on one group."""
+    g = spec.groups
+    one = w64[: w64.shape[0] // g]
+    spec1 = ConvSpec(spec.in_size, spec.stride, spec.padding, spec.padding_mode, spec.dilation, 1)
+    rows, cols = one.shape[0] * math.prod(spec.out_size(ks)), one.shape[1] * math.prod(spec.in_size)
+    if rows * cols * min(rows, cols) <= dense_flops and spec1.operator_bytes(one) <= limit:
+        return
+    need = iterative.lobpcg_bytes(iterative.GramOperator(one, spec1), 1)
+    validate.check_memory(need, f"bracket: the LOBPCG vectors of the conv {tuple(w64.shape)} {spec.describe(ks)} "
+                          f"(one vector of {cols} values per group)", limit)
+
+
+def _grouped_iterative_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], upper: float, bound: Tensor,
+                               tol: float, max_iter: int, certificate_flops: float, dense_flops: float, seed: int,
+                               limit: float) -> Bracket:
+    """A grouped conv whose groups are too large for dense SVDs: the generic bracket (LOBPCG, the
+    banded certificate) on the group of largest certified bound ``bound`` alone, then at once on
+    every other group whose bound exceeds the lower end found -- the others are certified below
+    it (the norm of a block-diagonal operator is the max over its blocks). The upper end is the
+    largest upper end of the solved groups (never above ``upper``, the whole conv's bound); the
+    vector is the maximising group's, placed in the whole conv's input."""
+    g = spec.groups
+    c_out, ci, kh, kw = w64.shape
+    blocks = w64.reshape(g, c_out // g, ci, kh, kw)
+    order = bound.argsort(descending=True).tolist()
+    lo, up, how, vec, grp = 0.0, 0.0, "none", None, None
+    todo = [order[0]]
+    done = set()
+    while todo:
+        sub = ConvSpec(spec.in_size, spec.stride, spec.padding, spec.padding_mode, spec.dilation, len(todo))
+        br = solve(blocks[todo].reshape(-1, ci, kh, kw), sub, ks, tol, max_iter, certificate_flops, dense_flops,
+                      seed, limit, lower=True, split=False)
+        done.update(todo)
+        if br.upper > up:
+            up, how = br.upper, br.how
+        if br.lower > lo and br.vector is not None:
+            lo = br.lower
+            j = int(br.vector.reshape(len(todo), -1).norm(dim=1).argmax())  # the group holding the vector
+            grp = todo[j]
+            vec = w64.new_zeros(g * ci, *spec.in_size)
+            vec[grp * ci:(grp + 1) * ci] = br.vector[j * ci:(j + 1) * ci]
+        todo = [i for i in order if i not in done and float(bound[i]) > lo]
+    rest = [float(bound[i]) for i in order if i not in done]
+    up = max([up] + rest)  # the unsolved groups are certified below lo <= up
+    return Bracket(lo, max(lo, min(upper, up)), how, vec, group=grp)
+
+
+def _grouped_dense_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], upper: float, bound: Tensor,
+                           dense_flops: float, limit: float, batch_bytes: float = 2**28) -> Bracket | None:
+    """A grouped (e.g. depthwise) convolution is block-diagonal: ``sigma = max_g sigma(T_g)``, and
+    each group is a small operator. Groups are visited in decreasing order of a certified upper
+    bound per group ``bound`` -- the smaller of Fantastic Four and, for vector blocks (depthwise),
+    the group's circulant majorant ``max_w |K^_c(w)|`` on the embedding grid, nearly exact -- and solved by
+    dense SVDs in batches of growing size (1, 2, 4, ... up to about ``batch_bytes`` of operators
+    and SVD copies), until every remaining group's bound is below the best value found (then none
+    of them can hold the maximum). Exact (LAPACK's backward-stable SVD, with its rounding margin);
+    the maximising group is recorded in ``group``. ``None`` when one group is too large for a
+    dense SVD (``dense_flops``) or for the memory budget ``limit`` (bytes)."""
+    g = spec.groups
+    rows = (w64.shape[0] // g) * math.prod(spec.out_size(ks))
+    cols = w64.shape[1] * math.prod(spec.in_size)
+    one = spec.operator_bytes(w64, 1)
+    if rows * cols * min(rows, cols) > dense_flops or one > limit:
+        return None
+    order = bound.argsort(descending=True)
+    margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps
+    step = max(1, int(min(batch_bytes, limit) // one))
+    best, arg, i, n = 0.0, int(order[0]), 0, 1
+    while i < g:
+        idx = order[i:i + n]
+        i, n = i + n, min(2 * n, step)
+        if float(bound[idx[0]]) <= best * (1 - margin):
+            break  # every remaining group is certified below the best one
+        with fourier.lapack_threads():
+            top = torch.linalg.svdvals(spec.group_operators(w64, idx, max_memory=limit))[:, 0]
+        j = int(top.argmax())
+        if float(top[j]) > best:
+            best, arg = float(top[j]), int(idx[j])
+    return Bracket(best * (1 - margin), min(upper, best * (1 + margin)), "dense", group=arg)
+
+
+
+def _warm_start(op: iterative.GramOperator, kernel: Tensor, maj: fourier.Majorant, top: fourier.BlockMax,
+                b: int, seed: int) -> Tensor:
+    """Starting block for LOBPCG: the real and imaginary parts of the majorant's top circulant
+    mode (a plane wave times the top right singular vector of its frequency block, mapped from
+    polyphase to pixel coordinates and cut to the input window), then random vectors."""
+    X = iterative.random_block(op, b, seed)
+    (sh, sw), (mh, mw) = maj.stride, (maj.grid[0] // maj.stride[0], maj.grid[1] // maj.stride[1])
+    blk = fourier.symbol(kernel[top.group: top.group + 1].to(torch.float64), (mh, mw),
+                         torch.tensor([top.freq[0]]), torch.tensor([top.freq[1]]))[0, 0]
+    v = torch.linalg.svd(blk)[2][0].conj()  # top right singular vector, (c * sh * sw,)
+    c = v.numel() // (sh * sw)
+    ph = torch.exp(2j * math.pi * (top.freq[0] * torch.arange(mh, dtype=torch.float64)[:, None] / mh
+                                   + top.freq[1] * torch.arange(mw, dtype=torch.float64)[None, :] / mw))
+    img = (v.reshape(c, sh, sw)[:, :, :, None, None] * ph.conj()).permute(0, 3, 1, 4, 2).reshape(c, mh * sh, mw * sw)
+    H, W = op.spec.in_size
+    img = img[:, :H, :W]
+    k = 0
+    for part in (img.real, img.imag):
+        if k < b and img.shape[1:] == (H, W) and float(part.norm()) > 1e-8:
+            X[top.group, :, k] = part.reshape(-1).to(X)
+            k += 1
+    return X
+
+
+
+
+def outward(v: float, like: Tensor, direction: float) -> Tensor:
+    """``v`` in ``like``'s dtype, rounded towards ``direction`` so a bracket stays a bracket."""
+    t = torch.tensor(v, dtype=like.dtype, device=like.device)
+    if (float(t) - v) * direction < 0:
+        t = torch.nextafter(t, torch.tensor(direction, dtype=like.dtype, device=like.device))
+    return t
+

@@ -1,0 +1,118 @@
+"""Extra loss terms, epoch-end measurements and model preparation: :class:`Hooks`.
+
+``loss = cross-entropy + sum of terms``: the BSConv-S orthonormal penalty, the Fantastic Four
+penalty, ... each reported by name in ``metrics.jsonl``; epoch-end hooks add their own metrics
+(certified accuracy, ...); ``prepare`` hooks change the model once before training (spectral
+normalization). :func:`default_hooks` builds the ones a :class:`~sepconv.train.TrainConfig` asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..layers import orthonormal_penalty
+from ..normalize import frozen_state, spectral_normalize
+from ..spectral import ConvSpec, certified_radii, fantastic_four, lipschitz_bound
+from ..spectral.network import layer_inputs
+from .config import TrainConfig
+from .device import _to_device
+
+__all__ = ["EpochHook", "Hooks", "LossTerm", "default_hooks"]
+
+LossTerm = Callable[[nn.Module], Tensor]
+EpochHook = Callable[[nn.Module, int], dict]
+
+
+@dataclass
+class Hooks:
+    """Extension points for later features.
+
+    ``loss_terms``: name -> f(model) returning a 0-dim tensor added to the loss each step
+    (the model passed is the bare model, not the DDP wrapper); its epoch mean is logged
+    under ``loss_<name>``. ``epoch_end``: f(model, epoch) -> dict of extra metrics, run on
+    rank 0 in eval mode after the test evaluation. ``prepare``: f(model) -> model, applied
+    once after the model is built and before the optimizer sees its parameters (e.g.
+    spectral normalization); it must be deterministic so that resuming rebuilds the same
+    structure.
+    """
+
+    loss_terms: dict[str, LossTerm] = field(default_factory=dict)
+    epoch_end: list[EpochHook] = field(default_factory=list)
+    prepare: list[Callable[[nn.Module], nn.Module]] = field(default_factory=list)
+
+
+def default_hooks(cfg: TrainConfig, input_shape: tuple[int, int, int] | None = None, test_set=None,
+                  device: torch.device | str = "cpu") -> Hooks:
+    """Hooks implied by the config's options (regularizers known to sepconv).
+
+    ``input_shape`` ``(C, H, W)`` of the data is needed by spectral normalization (``sn``), the
+    Fantastic Four penalty (``ff_beta``) and certification (``certify``), which also needs the
+    ``test_set`` (and the ``device`` the model lives on)."""
+    hooks = Hooks()
+    if cfg.bsconv_alpha > 0:
+        alpha = cfg.bsconv_alpha
+        hooks.loss_terms["bsconv"] = lambda m: orthonormal_penalty(m, alpha=alpha)
+    if (cfg.sn or cfg.ff_beta > 0 or cfg.certify) and input_shape is None:
+        raise ConfigError("default_hooks: sn, ff_beta and certify need the data's input_shape (C, H, W)")
+    if cfg.sn:
+        hooks.prepare.append(_sn_prepare(cfg, tuple(input_shape)))
+    if cfg.ff_beta > 0:
+        record, term = _fantastic_four_penalty(cfg.ff_beta, tuple(input_shape))
+        hooks.prepare.append(record)
+        hooks.loss_terms["ff"] = term
+    if cfg.certify:
+        if test_set is None:
+            raise ConfigError("default_hooks: certify needs the test set")
+        hooks.epoch_end.append(_certify_hook(cfg, tuple(input_shape), test_set, device))
+    return hooks
+
+
+def _sn_prepare(cfg: TrainConfig, input_shape: tuple[int, int, int]) -> Callable[[nn.Module], nn.Module]:
+    """A ``prepare`` hook: :func:`~sepconv.normalize.spectral_normalize` with the config's ``sn``
+    method, target, mode and ``sn_batchnorm`` (in place, deterministic)."""
+    def prepare(model: nn.Module) -> nn.Module:
+        spectral_normalize(model, cfg.sn, cfg.sn_target, cfg.sn_mode, in_size=input_shape, batchnorm=cfg.sn_batchnorm)
+        return model
+    return prepare
+
+
+def _fantastic_four_penalty(beta: float, input_shape: tuple[int, int, int]):
+    """``beta * sum_l F4(W_l)`` over the model's Conv2d layers: Singla & Feizi (ICLR 2021, arXiv
+    1911.10258, Sec. 5) penalize the sum of the layers' Fantastic Four bounds (differentiable).
+    The layers' geometries are recorded once, by a ``prepare`` hook (one dry forward pass)."""
+    convs: list[tuple[nn.Module, object]] = []
+
+    def record(model: nn.Module) -> nn.Module:
+        convs.clear()
+        for mod, shape in layer_inputs(model, input_shape, types=(nn.Conv2d,)).values():
+            if not isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                convs.append((mod, ConvSpec.of(mod, shape[-2:])))
+        return model
+
+    def term(model: nn.Module) -> Tensor:
+        with frozen_state():  # the forward pass already advanced any spectral normalization's state
+            return beta * sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
+    return record, term
+
+
+def _certify_hook(cfg: TrainConfig, input_shape: tuple[int, int, int], test_set, device) -> EpochHook:
+    """After each epoch: the certified network Lipschitz bound (``lipschitz_bound``, method ``fft``)
+    and the certified accuracy at each radius of ``cfg.certify`` (Tsuzuku et al. 2018) on the test set."""
+
+    def batches():
+        idx = torch.arange(len(test_set))
+        for i in range(0, len(idx), cfg.eval_batch_size):
+            x, y = test_set.get_batch(idx[i:i + cfg.eval_batch_size])
+            yield _to_device(x, y, device, cfg.channels_last)
+
+    def hook(model: nn.Module, epoch: int) -> dict:
+        L = lipschitz_bound(model, input_shape, method="fft")
+        radii, _ = certified_radii(model, batches(), lipschitz=L)
+        return {"lipschitz_bound": L,
+                **{f"cert_acc@{eps:g}": float((radii > eps).double().mean()) for eps in cfg.certify}}
+    return hook
