@@ -17,6 +17,7 @@ whose message names the file, layer or argument and the reason:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -37,6 +38,7 @@ __all__ = [
     "check_memory",
     "format_bytes",
     "forward_memory",
+    "meta_forward",
     "memory_budget",
     "model_bytes",
     "os_reason",
@@ -156,15 +158,15 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def forward_memory(model: nn.Module, input_shape: Sequence[int], batch: int = 1, training: bool = False,
-                   dtype: torch.dtype | None = None) -> int | None:
-    """Estimated peak bytes of the activations of one forward pass of ``model`` on a batch of
-    ``input_shape`` = (C, H, W), the input included; with ``training=True`` the pass records an
-    autograd graph, whose saved tensors stay alive as in a training step (the backward pass's
-    buffers are not counted). Measured on the ``meta`` device: the model's parameters are
-    swapped for meta tensors of the same shapes (``torch.func.functional_call``), so nothing is
-    allocated and nothing computed. ``None`` when the model cannot run on meta tensors
-    (data-dependent control flow) or has lazy parameters."""
+def meta_forward(model: nn.Module, input_shape: Sequence[int], batch: int = 1, training: bool = False,
+                 dtype: torch.dtype | None = None, mode=None):
+    """The output of one forward pass of ``model`` on a batch of ``input_shape`` on the ``meta``
+    device: shapes only, nothing allocated and nothing computed (the parameters and buffers are
+    swapped for meta tensors of the same shapes through ``torch.func.functional_call``; the
+    model's own tensors are untouched). ``training`` sets the model's mode and autograd for the
+    pass (the previous mode is restored); ``mode``, a ``TorchDispatchMode``, watches it. ``None``
+    when the model cannot run on meta tensors (data-dependent control flow) or has lazy
+    parameters."""
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     if any(is_lazy(v) for _, v in tensors):  # shapes not known before the first real forward
         return None
@@ -173,17 +175,29 @@ def forward_memory(model: nn.Module, input_shape: Sequence[int], batch: int = 1,
     was = model.training
     model.train(training)
     meta = {k: torch.empty_like(v, device="meta").requires_grad_(training and v.requires_grad) for k, v in tensors}
-    mode = _LiveBytes(tensor_bytes((batch, *input_shape), dtype))
     try:
         x = torch.empty((batch, *input_shape), dtype=dtype, device="meta")
-        with torch.set_grad_enabled(training), mode:
-            out = torch.func.functional_call(model, meta, (x,), strict=False, tie_weights=True)
-        del out
-    except Exception:  # noqa: BLE001 -- a model that cannot run on meta: no estimate
+        with torch.set_grad_enabled(training), (mode or contextlib.nullcontext()):
+            return torch.func.functional_call(model, meta, (x,), strict=False, tie_weights=True)
+    except Exception:  # noqa: BLE001 -- a model that cannot run on meta: no answer
         return None
     finally:
         model.train(was)
-    return mode.peak
+
+
+def forward_memory(model: nn.Module, input_shape: Sequence[int], batch: int = 1, training: bool = False,
+                   dtype: torch.dtype | None = None) -> int | None:
+    """Estimated peak bytes of the activations of one forward pass of ``model`` on a batch of
+    ``input_shape`` = (C, H, W), the input included; with ``training=True`` the pass records an
+    autograd graph, whose saved tensors stay alive as in a training step (the backward pass's
+    buffers are not counted). Measured on the ``meta`` device (:func:`meta_forward`), so nothing
+    is allocated and nothing computed. ``None`` when the model cannot run on meta tensors
+    (data-dependent control flow) or has lazy parameters."""
+    p = next(iter(model.parameters()), None)
+    dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    mode = _LiveBytes(tensor_bytes((batch, *input_shape), dtype))
+    out = meta_forward(model, input_shape, batch, training, dtype, mode)
+    return None if out is None else mode.peak
 
 
 # --------------------------------------------------------------------------- weights

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..guard import check_finite, check_memory, format_bytes, forward_memory, model_bytes
+from ..guard import check_finite, check_memory, format_bytes, forward_memory, meta_forward, model_bytes
 from ..io import load_model
 from ..models import create_model
 from .config import TrainConfig
@@ -58,19 +58,9 @@ def _model_io(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int 
     chans = first.in_channels if first is not None else None
     classes = None
     if chans in (None, input_shape[0]):
-        was = model.training
-        try:
-            meta = {k: torch.empty_like(v, device="meta") for k, v in
-                    [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
-            with torch.no_grad():
-                y = torch.func.functional_call(model.eval(), meta, (torch.empty((2, *input_shape), device="meta"),),
-                                               strict=False, tie_weights=True)
-            if isinstance(y, Tensor) and y.ndim == 2:
-                classes = int(y.shape[1])
-        except Exception:  # noqa: BLE001 -- a model that cannot run on meta: ask its last layer
-            pass
-        finally:
-            model.train(was)
+        y = meta_forward(model, input_shape, batch=2)  # None: a model that cannot run on meta
+        if isinstance(y, Tensor) and y.ndim == 2:
+            classes = int(y.shape[1])
     if classes is None:
         last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         classes = last[-1].out_features if last else None
