@@ -3,6 +3,8 @@
     python -m benchmarks                 # every benchmarks/bench_*.py
     python -m benchmarks spectral models # only these (bench_spectral.py, bench_models.py)
     python -m benchmarks --quick         # tiny sizes, to check the scripts run
+    python -m benchmarks certified       # certified robustness against deel-torchlip and orthogonium
+                                         # (bench_certified.py; 3 seeds x 40 epochs: the longest section)
 
 Each ``bench_<name>.py`` defines ``TITLE`` and ``run(quick: bool) -> str`` (Markdown).
 Only the sections that ran are replaced; the others are kept as they were.

@@ -38,9 +38,11 @@ def timeit(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each function, the repeats interleaved (a, b, c, a, b, c, ...)
-    so that drift of the machine affects every method alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], repeats: int = 7,
+                        warmup: int = 1) -> dict[str, list[float]]:
+    """Every wall time (s) of each function, the repeats interleaved (a, b, c, a, b, c, ...) so
+    that drift of the machine affects every method alike; entry ``i`` of two lists are neighbours
+    in time (pair them for a ratio with a spread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -50,7 +52,13 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: 
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each function, the repeats interleaved (a, b, c, a, b, c, ...)
+    so that drift of the machine affects every method alike."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, warmup).items()}
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

@@ -442,14 +442,15 @@ def test_stop_and_resume_with_sn_gives_bit_identical_weights_and_buffers(tmp_pat
 def test_on_digits_sn_dsc_keeps_accuracy_lowers_the_bound_and_certifies_more(tmp_path):
     """Issue 5's digits claim at the benchmark's setting (BENCHMARKS.md, normalize): ``--sn dsc``
     with the scaled loss is within 2 points of the unnormalized model, with a lower certified
-    network Lipschitz bound and a higher certified accuracy at a small radius."""
+    network Lipschitz bound and a higher certified accuracy at a small radius: 3e-4 in pixel l2 (what
+    ``certify`` measures), about 1e-3 (3e-4 / 0.324, digits' std) in the normalized units the network sees."""
     cfg = dict(model="simple_cnn", conv="dsc", data="digits", image_size=32, epochs=10, batch_size=32, lr=0.05,
-               certify=(1e-3,))
+               certify=(3e-4,))
     plain = train(TrainConfig(**cfg, out=str(tmp_path / "none")), progress=False).history[-1]
     sn = train(TrainConfig(**cfg, sn="dsc", logit_scale=10.0, out=str(tmp_path / "sn")), progress=False).history[-1]
     assert plain["test_acc"] > 0.9 and sn["test_acc"] >= plain["test_acc"] - 0.02, (plain, sn)
     assert sn["lipschitz_bound"] < plain["lipschitz_bound"] / 2, (plain, sn)
-    assert sn["cert_acc@0.001"] > plain["cert_acc@0.001"] + 0.1, (plain, sn)
+    assert sn["cert_acc@0.0003"] > plain["cert_acc@0.0003"] + 0.1, (plain, sn)
 
 
 def test_frozen_state_computes_the_weights_without_advancing_the_persistent_vectors():

@@ -316,13 +316,15 @@ def test_certified_accuracy_certifies_only_margins_above_sqrt2_L_eps():
         y = model(x).argmax(1)
     loader = [(x[:32], y[:32]), (x[32:], y[32:])]
     L = float(linear_norm(model[1]))
-    cert = certified_accuracy(model, loader, eps=0.05)
+    cert = certified_accuracy(model, loader, eps=0.05, pairwise=False)  # the global certificate alone
     assert cert.accuracy == 1.0 and math.isclose(cert.lipschitz, L, rel_tol=1e-9)
     logits = model(x)
     top = logits.topk(2, 1).values
     expected = float(((top[:, 0] - top[:, 1]) > math.sqrt(2) * L * 0.05).double().mean())
     assert cert.certified == expected
-    assert certified_accuracy(model, loader, eps=0.0).certified == 1.0
+    assert certified_accuracy(model, loader, eps=0.0, pairwise=False).certified == 1.0
+    # by default the final Linear's pairwise certificate is used too: never fewer samples certified
+    assert certified_accuracy(model, loader, eps=0.05).certified >= expected
 
 
 def test_certified_radii_are_margin_over_sqrt2_L_and_minus_inf_when_wrong():

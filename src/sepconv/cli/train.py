@@ -6,11 +6,14 @@ import argparse
 
 from ..data import list_datasets
 from ..layers import CONV_KINDS
+from ..losses import LOSS_ALIASES, LOSSES, loss_names
 from ..normalize import MODES as SN_MODES
 from ..normalize import normalize_methods
 from ..runtime import tune_allocator
 from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
-from .args import add_trust_code, model_arg, nonneg_float, positive_float, positive_int, unit_float
+from .args import add_trust_code, model_arg, nonneg_float, number, positive_float, positive_int, unit_float
+
+alpha_arg = number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -49,10 +52,20 @@ def add(sub) -> argparse.ArgumentParser:
                    help="epochs at which --schedule step multiplies the lr by --gamma")
     g.add_argument("--gamma", type=positive_float, default=d.gamma)
     g.add_argument("--warmup-epochs", type=nonneg_float, default=d.warmup_epochs)
-    g.add_argument("--label-smoothing", type=unit_float, default=d.label_smoothing)
+    g.add_argument("--loss", choices=loss_names(aliases=True), default=d.loss,
+                   help="training loss: " + "; ".join(f"{n}: {s.summary}" for n, s in LOSSES.items())
+                        + "".join(f"; {a} = {n}" for a, n in LOSS_ALIASES.items()) + f" (default {d.loss})")
+    g.add_argument("--label-smoothing", type=unit_float, default=d.label_smoothing, help="--loss ce only")
     g.add_argument("--logit-scale", type=positive_float, default=d.logit_scale, metavar="S",
-                   help="train on cross_entropy(S * logits) / S (default 1); S ~ 10 lets a spectrally "
+                   help="--loss ce: train on cross_entropy(S * logits) / S (default 1); S ~ 10 lets a spectrally "
                         "normalized network reach the margins a certificate needs")
+    g.add_argument("--margin", type=positive_float, default=d.margin, metavar="M",
+                   help=f"--loss hinge, hkr: the logit margin asked of every training image (default {d.margin:g}). "
+                        "A test image with margin M is certified at pixel-l2 radius M * min(std) / (sqrt(2) L), L "
+                        "the lipschitz_bound --certify logs: for a radius EPS, M = sqrt(2) * L * EPS / min(std)")
+    g.add_argument("--hkr-alpha", type=alpha_arg, default=d.hkr_alpha, metavar="A",
+                   help=f"--loss hkr: A * hinge - (1 - A) * Kantorovich-Rubinstein, A in (0, 1] (default "
+                        f"{d.hkr_alpha:g})")
     g.add_argument("--bsconv-alpha", type=nonneg_float, default=None,
                    help="weight of the BSConv-S orthonormal penalty (default 0.1 when the model has "
                         "BSConv-S parts, else 0)")
@@ -69,7 +82,7 @@ def add(sub) -> argparse.ArgumentParser:
                    help="add B * (sum of the convs' Fantastic Four bounds) to the loss (Singla & Feizi)")
     g.add_argument("--certify", type=nonneg_float, nargs="+", default=[], metavar="EPS",
                    help="after each epoch, log the network Lipschitz bound and the certified accuracy "
-                        "at these l2 radii")
+                        "at these pixel-l2 radii (images scaled to [0, 1], before the data's normalization)")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
     g.add_argument("--resume", action="store_true",
@@ -101,7 +114,8 @@ def train_config(args) -> TrainConfig:
         lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        logit_scale=args.logit_scale, channels_last=args.channels_last,
+        loss=args.loss, logit_scale=args.logit_scale, margin=args.margin, hkr_alpha=args.hkr_alpha,
+        channels_last=args.channels_last,
         seed=args.seed, device=args.device, bsconv_alpha=alpha,
         sn=args.sn, sn_target=args.sn_target, sn_mode=args.sn_mode, sn_batchnorm=args.sn_batchnorm,
         ff_beta=args.ff_beta, certify=tuple(args.certify),
@@ -115,5 +129,13 @@ def run(args) -> int:
     res = train(cfg, resume=args.resume, progress=args.progress, stop_after_epochs=args.stop_after, log=True,
                 force=args.force, trust_code=args.trust_code)
     if res.history and res.is_main:
-        print(f"best test accuracy {res.best_acc:.4f}; model saved to {res.out / 'model'}")
+        print(saved_line(res, cfg.epochs))
     return 0
+
+
+def saved_line(res, epochs: int) -> str:
+    """What ``model/`` holds -- the last epoch's model -- and where the best epoch's is."""
+    best = f" at epoch {res.best_epoch}" if res.best_epoch is not None else ""
+    last = f", test accuracy {res.last_acc:.4f}" if isinstance(res.last_acc, float) else ""
+    return (f"best test accuracy {res.best_acc:.4f}{best}; model saved to {res.out / 'model'}: the last epoch's "
+            f"({res.epochs}/{epochs}{last}); the best epoch's checkpoint is {res.out / 'best.pt'}")

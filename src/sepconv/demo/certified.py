@@ -2,8 +2,10 @@
 
 A network with certified Lipschitz bound ``L`` (``sepconv.spectral.lipschitz_bound``) keeps
 its prediction on ``x`` for every perturbation of l2 norm below ``margin(x) / (sqrt(2) L)``
-(the Lipschitz-margin certificate of Tsuzuku, Sato & Sugiyama, NeurIPS 2018, Prop. 1;
-``sepconv.spectral.certified_radii``); a wrong prediction has radius ``-inf``. These helpers
+(the Lipschitz-margin certificate of Tsuzuku, Sato & Sugiyama, NeurIPS 2018, Prop. 1), and, when
+it ends in a Linear layer, below the pairwise radius ``min_j (z_y - z_j) / (L_h ||w_y - w_j||)``
+(Leino et al., ICML 2021); ``sepconv.spectral.certified_radii`` keeps the larger, in the units of
+the network's input (normalized pixels). A wrong prediction has radius ``-inf``. These helpers
 turn the per-sample radii into the report's grid, medians and step curves.
 """
 
@@ -55,6 +57,6 @@ def draw_certified(ax, radii: dict[str, Tensor], lips: dict[str, float]) -> None
         ax.step([lo, *xs.tolist()], [float((r > 0).double().mean()), *acc.tolist()], where="post",
                 label=f"{k} (L <= {lips[k]:.3g})")
     ax.set_xscale("log")
-    ax.set_xlabel("l2 radius eps")
+    ax.set_xlabel("l2 radius eps (normalized pixels)")
     ax.set_ylabel("certified accuracy")
     ax.legend()

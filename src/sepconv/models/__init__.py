@@ -17,7 +17,7 @@ from ._profile import Profile, count_params, profile
 from ._registry import CONV_KINDS, ModelInfo, create_model, default_input_shape, list_models, model_info, register_model
 
 # model families (importing registers them)
-from . import mobilenet, resnet, shufflenet, simple  # noqa: F401  isort: skip
+from . import lipschitz, mobilenet, resnet, shufflenet, simple  # noqa: F401  isort: skip
 
 __all__ = [
     "CONV_KINDS",

@@ -27,7 +27,7 @@ the same parametrizations before it loads the weights. For ``dsc`` the depthwise
 all layers are computed by **one** batched DFT per forward pass of the model
 (:class:`DepthwiseGroup`, :func:`sepconv.spectral.exact.depthwise_channel_norms`).
 
-The classes live in :mod:`sepconv.normalize.parametrizations`, the model-level call in
+The classes live in :mod:`sepconv.lipschitz.parametrizations`, the model-level call in
 :mod:`sepconv.normalize.model`. ``METHODS`` and ``FULL_CONV`` are :func:`normalize_methods` and
 :func:`full_conv_methods` when read: a spectral method registered at run time
 (:func:`sepconv.spectral.register_method`) is in them.
@@ -35,17 +35,7 @@ The classes live in :mod:`sepconv.normalize.parametrizations`, the model-level c
 
 from __future__ import annotations
 
-from .model import (
-    MAX_POWER_ITERATIONS,
-    MODES,
-    LayerSN,
-    SNSummary,
-    full_conv_methods,
-    normalize_methods,
-    remove_spectral_normalization,
-    spectral_normalize,
-)
-from .parametrizations import (
+from ..lipschitz.parametrizations import (
     WARMUP_ITERATIONS,
     BatchNormLipschitz,
     BoundNorm,
@@ -59,6 +49,16 @@ from .parametrizations import (
     matrix_power_iteration,
     rescale,
     scale_factor,
+)
+from .model import (
+    MAX_POWER_ITERATIONS,
+    MODES,
+    LayerSN,
+    SNSummary,
+    full_conv_methods,
+    normalize_methods,
+    remove_spectral_normalization,
+    spectral_normalize,
 )
 
 __all__ = ["BatchNormLipschitz", "BoundNorm", "DepthwiseFFTNorm", "DepthwiseGroup", "LayerSN", "MAX_POWER_ITERATIONS",

@@ -2,7 +2,7 @@
 
 :func:`spectral_normalize` plans which layers to normalize (:func:`_plan`), finds the input size
 each one sees from one dry forward pass, gives each layer its parametrization
-(:mod:`sepconv.normalize.parametrizations`) and records the step in the model's recipe, which
+(:mod:`sepconv.lipschitz.parametrizations`) and records the step in the model's recipe, which
 :func:`sepconv.io.load_model` replays (:func:`_replay`). The ``method`` names are normalize's own
 modes (``dsc``, ``operator``, ``reshape``) and the registered spectral methods usable in training
 (:func:`full_conv_methods`), read from :mod:`sepconv.spectral.methods` when called.
@@ -20,12 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, UnsupportedLayerError
-from ..models import default_input_shape
-from ..recipes import record_recipe, register_recipe
-from ..spectral.methods import method_names
-from ..spectral.network import layer_inputs
-from ..spectral.spec import ConvSpec
-from .parametrizations import (
+from ..lipschitz.parametrizations import (
     BatchNormLipschitz,
     BoundNorm,
     DepthwiseFFTNorm,
@@ -34,6 +29,11 @@ from .parametrizations import (
     OperatorNorm,
     ReshapeNorm,
 )
+from ..models import default_input_shape
+from ..recipes import record_recipe, register_recipe
+from ..spectral.methods import method_names
+from ..spectral.network import layer_inputs
+from ..spectral.spec import ConvSpec
 
 __all__ = ["MAX_POWER_ITERATIONS", "MODES", "LayerSN", "SNSummary", "full_conv_methods", "normalize_methods",
            "remove_spectral_normalization", "spectral_normalize"]

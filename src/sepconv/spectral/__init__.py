@@ -29,7 +29,7 @@ and :func:`spectral_norm`, :func:`analyze`, :func:`lipschitz_bound`,
 """
 
 from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, majorant_kernel, reshape_norm
-from .certificates import Certificate, certified_accuracy, certified_radii
+from .certificates import Certificate, certified_accuracy, certified_radii, margin_radii, pairwise_radii
 from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from .exact import (
     Bracket,
@@ -80,9 +80,11 @@ __all__ = [
     "linear_norm",
     "lipschitz_bound",
     "majorant_kernel",
+    "margin_radii",
     "merge_chain",
     "method_names",
     "norm_bracket",
+    "pairwise_radii",
     "power_iteration",
     "register_method",
     "reshape_norm",

@@ -19,6 +19,12 @@ sample) through the ``torch.fx`` graph of a model in eval mode:
   (sigmoid, hardsigmoid in [0, 1]) and value bounds ``||v(x)|| <= ||v(0)|| + L_v R``;
   without it, a clear error.
 
+* a module without parameters or buffers whose class declares ``lipschitz_constant`` (the duck-typed
+  protocol of :func:`~sepconv.spectral.lipschitz_rules.declared_lipschitz`; e.g. ``MaxMin``,
+  ``GroupSort``, ``L2Pool2d`` of :mod:`sepconv.lipschitz`) is kept a leaf of the graph by
+  :func:`trace` and multiplies by its declared constant; a module with parameters never does --
+  it is traced through and its weights are bounded here.
+
 Any operation without a rule is a clear :class:`~sepconv.errors.UnsupportedLayerError`
 naming it -- never a silent 1.
 """
@@ -51,6 +57,7 @@ from .lipschitz_rules import (
     MODULE_ACTIVATIONS,
     MUL_OPS,
     SHAPE_OPS,
+    declared_lipschitz,
     pad_lipschitz,
     pool_lipschitz,
 )
@@ -60,10 +67,26 @@ from .spec import ConvSpec
 __all__ = ["lipschitz_bound", "trace"]
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with modules that declare their Lipschitz constant (:func:`declared_lipschitz`)
+    kept as leaves, so that the propagator sees them as one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return declared_lipschitz(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with a one-line error for models fx cannot trace."""
+    """``torch.fx.symbolic_trace`` (keeping modules with a declared Lipschitz constant as leaves; a
+    root that is itself a leaf -- one layer, e.g. a parametrized conv -- wrapped so that it stays one)
+    with a one-line error for models fx cannot trace."""
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):
+        model = nn.Sequential(model)
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except SepconvError:
+        raise
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
         raise UnsupportedLayerError(
             f"{type(model).__name__} cannot be traced by torch.fx "
@@ -293,6 +316,9 @@ class _Propagator:
                 kw = dict(kernel=mod.kernel_size, stride=mod.stride, padding=mod.padding,
                           count_include_pad=mod.count_include_pad, divisor_override=mod.divisor_override)
             return Lx * pool_lipschitz(kind, self.hw(x), self.hw(n), **kw)
+        declared = declared_lipschitz(mod)
+        if declared is not None:
+            return Lx * declared
         raise self.fail(n, name)
 
     def _function(self, n: torch.fx.Node) -> float:

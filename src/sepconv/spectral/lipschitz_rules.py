@@ -5,6 +5,13 @@ activations (the sup of ``|f'|``; docs/spectral.md Sec. 9), pooling (from the wi
 overlaps included) and padding (from the number of copies of one input value), and the sets of
 ``torch.fx`` targets that are additions, products, divisions, concatenations, means and pure
 reshapes. Each constant is **exact** or a **certified upper bound**, as its docstring says.
+
+**Declared constants** (:func:`declared_lipschitz`): a module class may state its exact Lipschitz
+constant as the class attribute ``lipschitz_constant`` (e.g. the norm-preserving activations and
+L2 pooling of :mod:`sepconv.lipschitz`, which this package must not import). The propagator
+takes it -- and keeps such a module a leaf of the ``torch.fx`` graph -- **only when the module
+has no parameters and no buffers**: a module with state is traced through and bounded from its
+actual weights, so a declaration can never vouch for weights the engine has not checked.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["ACTIVATION_LIPSCHITZ", "ACTIVATION_RANGE", "ADD_OPS", "CAT_OPS", "DIV_OPS", "FUNCTION_ACTIVATIONS",
-           "MEAN_OPS", "METHOD_ACTIVATIONS", "MODULE_ACTIVATIONS", "MUL_OPS", "SHAPE_OPS", "pad_lipschitz",
-           "pool_lipschitz"]
+           "LIPSCHITZ_ATTRIBUTE", "MEAN_OPS", "METHOD_ACTIVATIONS", "MODULE_ACTIVATIONS", "MUL_OPS", "SHAPE_OPS",
+           "declared_lipschitz", "pad_lipschitz", "pool_lipschitz"]
+
+#: The class attribute by which a parameter-free module declares its exact Lipschitz constant.
+LIPSCHITZ_ATTRIBUTE = "lipschitz_constant"
 
 #: Lipschitz constants (sup |f'|) of elementwise activations. Piecewise-linear ones are exact;
 #: the smooth ones are the maximum of |f'| (found where f'' = 0) rounded *up* in the 4th digit:
@@ -143,3 +156,22 @@ def pad_lipschitz(shape: Sequence[int], pad: Sequence[int], mode: str = "constan
         padded = F.pad(idx, (pad[2 * i], pad[2 * i + 1]), mode=mode)
         copies *= int(torch.bincount(padded.flatten().long(), minlength=n).max())
     return math.sqrt(copies)
+
+
+def declared_lipschitz(module: nn.Module) -> float | None:
+    """The Lipschitz constant ``module``'s class declares (:data:`LIPSCHITZ_ATTRIBUTE`), or ``None``.
+
+    ``None`` when the class declares nothing, **or when the module has any parameter or buffer**
+    (its own or a child's): a declaration is trusted only for a stateless map, whose constant the
+    class's author states once for every instance (the docstring must say why it holds). A module
+    with state is traced through and bounded from its weights by the engine instead. Only the
+    *class* attribute counts (an instance attribute cannot change it). A declared value that is not
+    a finite real ``>= 0`` is a :class:`~sepconv.errors.ConfigError` naming the class.
+    """
+    value = getattr(type(module), LIPSCHITZ_ATTRIBUTE, None)
+    if value is None or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= float(value) < math.inf:
+        raise ConfigError(f"{type(module).__name__}: {LIPSCHITZ_ATTRIBUTE} must be a finite number >= 0, "
+                          f"got {value!r:.40}")
+    return float(value)

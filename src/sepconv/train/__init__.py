@@ -6,13 +6,19 @@ One function, :func:`train`, runs a classification training from a :class:`Train
   step at epoch milestones, or constant), with optional linear warm-up; weight decay on
   weights only (biases and normalization parameters are not decayed); optional label
   smoothing; channels_last memory format; a progress bar per epoch.
-* Extra loss terms through :class:`Hooks` (``loss = cross-entropy + sum of terms``): the
+* A loss of the registry :data:`sepconv.losses.LOSSES` (``loss``: cross-entropy with a logit
+  scale, the multi-class hinge, hinge-regularized Kantorovich-Rubinstein) and extra loss terms
+  through :class:`Hooks` (``loss = that loss + sum of terms``): the
   BSConv-S orthonormal penalty, the Fantastic Four penalty, ... each reported by name in
-  ``metrics.jsonl``; epoch-end hooks add their own metrics (certified accuracy, ...).
+  ``metrics.jsonl``; epoch-end hooks add their own metrics (``certify``: the certified accuracy at
+  pixel-l2 radii of images in [0, 1], ...).
 * Files in ``out``: ``metrics.jsonl`` (one line per epoch: losses, accuracies, lr, time
   per step), ``last.pt`` and ``best.pt`` (full checkpoints: model, optimizer, scheduler,
-  RNG states, epoch and step, and the metrics of the epochs so far), and ``model/`` (the
-  final model as a sepconv model directory: ``config.json`` + ``model.safetensors``).
+  RNG states, epoch and step, and the metrics of the epochs so far; ``best.pt`` of the epoch
+  with the best test accuracy), and ``model/`` (the last epoch's model, as ``last.pt`` holds it,
+  in a sepconv model directory: ``config.json`` + ``model.safetensors``; ``summary.json`` says
+  its epoch and accuracy beside the best ones). Picking ``model/`` by test accuracy would make
+  that accuracy optimistic: the datasets have no validation split.
   Every file is written atomically and honours the umask; at the end of an epoch ``best.pt``
   is written first, then ``last.pt``, then ``metrics.jsonl`` (rewritten from the checkpoint's
   metrics), so a crash or a full disk at any point leaves a ``last.pt`` that ``--resume``

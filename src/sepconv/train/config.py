@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import normalize
 from ..errors import ConfigError
+from ..losses import LOSSES, canonical_loss, get_loss
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
@@ -47,9 +48,16 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    # training loss = cross_entropy(s * logits) / s (Bethune et al. 2022): for Lipschitz-bounded
+    # the training loss (sepconv.losses.LOSSES: ce, hinge, hkr; tau_ce is ce) and the settings it reads:
+    # ce: cross_entropy(s * logits) / s with s = logit_scale (Bethune et al. 2022), for Lipschitz-bounded
     # networks, whose logits are small; the certificate always uses the raw logits
+    loss: str = "ce"
     logit_scale: float = 1.0
+    # hinge, hkr: the logit margin m asked of every training image. A test image with margin m is
+    # certified at pixel-l2 radius m * min(std) / (sqrt(2) L), L the network's bound (lipschitz_bound in
+    # the metrics): to aim for a pixel-l2 radius eps, m = sqrt(2) * L * eps / min(std)
+    margin: float = 1.0
+    hkr_alpha: float = 0.99  # hkr: alpha * hinge - (1 - alpha) * Kantorovich-Rubinstein, alpha in (0, 1]
     channels_last: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -62,8 +70,12 @@ class TrainConfig:
     sn_mode: str = "clip"
     sn_batchnorm: bool = False
     ff_beta: float = 0.0  # weight of the Fantastic Four penalty (sum of the per-conv bounds)
-    certify: tuple[float, ...] = ()  # l2 radii: Lipschitz bound and certified accuracy after each epoch
+    # pixel-l2 radii (images in [0, 1]): Lipschitz bound and certified accuracy after each epoch
+    certify: tuple[float, ...] = ()
     extra: dict = field(default_factory=dict)  # room for later options (kept in checkpoints)
+
+    def __post_init__(self) -> None:
+        self.loss = canonical_loss(self.loss)  # another name of a loss is that loss (tau_ce: ce)
 
     def validate(self) -> TrainConfig:
         def bad(msg: str):
@@ -84,6 +96,7 @@ class TrainConfig:
         if not (isinstance(self.logit_scale, (int, float)) and math.isfinite(self.logit_scale)
                 and self.logit_scale > 0):
             bad(f"logit_scale must be a positive finite number, got {self.logit_scale!r}")
+        self._validate_loss()
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -118,6 +131,21 @@ class TrainConfig:
         if not (self.eval_batch_size >= 1):
             bad(f"eval_batch_size must be positive, got {self.eval_batch_size!r}")
         return self
+
+    def _validate_loss(self) -> None:
+        """The loss is registered, its settings in range, and no setting it does not read is set
+        (a ``margin`` with ``ce``, a ``logit_scale`` with ``hinge``: the run would silently ignore it)."""
+        spec = get_loss(self.loss)  # NB: read at call time: a loss registered later is a valid choice
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin > 0):
+            raise ConfigError(f"margin must be a positive finite number (a logit margin), got {self.margin!r}")
+        if not (isinstance(self.hkr_alpha, (int, float)) and 0 < self.hkr_alpha <= 1):
+            raise ConfigError(f"hkr_alpha must be in (0, 1], got {self.hkr_alpha!r}")
+        default = TrainConfig.__dataclass_fields__
+        for name in ("logit_scale", "label_smoothing", "margin", "hkr_alpha"):
+            if name not in spec.options.values() and getattr(self, name) != default[name].default:
+                users = [n for n, s in LOSSES.items() if name in s.options.values()]
+                raise ConfigError(f"{name} is read by loss {' or '.join(users)} only, not by loss {self.loss!r}: "
+                                  f"drop --{name.replace('_', '-')} or choose --loss {users[0]}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -2,7 +2,8 @@
 
 SGD (momentum, optional Nesterov) or AdamW; a per-step learning-rate schedule (cosine, step at
 epoch milestones, or constant), with optional linear warm-up; weight decay on weights only
-(biases and normalization parameters are not decayed); optional label smoothing and logit scale.
+(biases and normalization parameters are not decayed); the loss of the registry :data:`sepconv.losses.LOSSES`
+(cross-entropy with optional label smoothing and logit scale, or a margin loss).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import get_loss
 from .config import TrainConfig
 
 __all__ = ["classification_loss", "lr_factor", "make_optimizer"]
@@ -55,13 +56,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def classification_loss(logits: Tensor, y: Tensor, label_smoothing: float = 0.0, logit_scale: float = 1.0) -> Tensor:
-    """``cross_entropy(s * logits, y) / s``: plain cross-entropy at ``s = 1``. For a network with a
-    small Lipschitz bound (spectrally normalized, BatchNorm bounded) the logits, and so the
-    softmax's gradients, are small; a scale ``s > 1`` (the temperature ``tau`` of Bethune et al.
-    2022, "Pay attention to your loss") lets it reach large margins, which is what the
-    Lipschitz-margin certificate (Tsuzuku et al. 2018) needs. Dividing by ``s`` keeps the
-    gradient's size; as ``s`` grows the loss tends to a multi-class hinge on the margin."""
-    if logit_scale == 1.0:
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    return F.cross_entropy(logits * logit_scale, y, label_smoothing=label_smoothing) / logit_scale
+def classification_loss(logits: Tensor, y: Tensor, label_smoothing: float = 0.0, logit_scale: float = 1.0,
+                        loss: str = "ce", margin: float = 1.0, hkr_alpha: float = 0.99) -> Tensor:
+    """The training loss ``loss`` of the registry :data:`sepconv.losses.LOSSES` with the settings it
+    reads: ``ce`` (default), :func:`sepconv.losses.cross_entropy` ``CE(s z, y) / s`` with ``s =
+    logit_scale`` (Bethune et al. 2022; plain cross-entropy at ``s = 1``): for a network with a
+    small Lipschitz bound, whose logits and softmax gradients are small, ``s > 1`` lets it reach
+    the margins the Lipschitz-margin certificate (Tsuzuku et al. 2018) needs; ``hinge``,
+    :func:`sepconv.losses.multiclass_hinge` with logit margin ``margin``; ``hkr``,
+    :func:`sepconv.losses.hkr` (Serrurier et al. 2021) with ``margin`` and ``hkr_alpha``."""
+    return get_loss(loss)(logits, y, label_smoothing=label_smoothing, logit_scale=logit_scale, margin=margin,
+                          hkr_alpha=hkr_alpha)

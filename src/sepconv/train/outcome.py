@@ -30,9 +30,17 @@ class TrainingDiverged(ConfigError):
 
 @dataclass
 class TrainResult:
+    """A finished run (or invocation): ``model`` is the last epoch's, the one ``out/model/`` holds;
+    ``history`` the metrics of this invocation's epochs; ``best_acc`` the best test accuracy of the
+    whole run, reached at epoch ``best_epoch`` (whose checkpoint is ``out/best.pt``); ``epochs`` the
+    epochs finished so far and ``last_acc`` the last one's test accuracy (``model``'s)."""
+
     model: nn.Module
     history: list[dict]
     best_acc: float
     out: Path
     ranks_in_sync: bool | None = None  # under DDP: parameters bit-identical on every rank
     is_main: bool = True  # rank 0 (the process that writes files and prints the final lines)
+    epochs: int = 0
+    best_epoch: int | None = None
+    last_acc: float | None = None

@@ -3,7 +3,7 @@
 :func:`train` claims ``out`` and the process group, :func:`_train_locked` builds the run
 (data, hooks, model, optimizer, a checkpoint to resume) into a :class:`_Run`, whose methods are
 the pieces of the loop: :meth:`_Run.run_epoch` runs the steps of one epoch, :meth:`_Run.end_epoch`
-evaluates and saves it, :meth:`_Run.finish` writes the final model.
+evaluates and saves it, :meth:`_Run.finish` writes the last epoch's model.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def _train_locked(cfg: TrainConfig, hooks: Hooks | None, resume: bool, force: bo
     job.net = _wrap_ddp(job.model, device, d, bool(cfg.extra.get("sync_bn")))
     _on_rank0(d, lambda: _start_output(out, cfg, resume, force, job.records))
 
+    if d.main and (progress if log is None else log) and cfg.certify:
+        print(_certify_line(test_set), flush=True)
     epochs_run = 0
     with _catch_sigint(job):
         for epoch in range(job.start_epoch, cfg.epochs):
@@ -256,7 +258,7 @@ class _Run:
                               pad=max(1, x.shape[-1] // 8), flip=self.train_set.flip_ok)
         x, y = _to_device(x, y, self.device, cfg.channels_last)
         logits = self.net(x)
-        loss = classification_loss(logits, y, cfg.label_smoothing, cfg.logit_scale)
+        loss = classification_loss(logits, y, cfg.label_smoothing, cfg.logit_scale, cfg.loss, cfg.margin, cfg.hkr_alpha)
         total = loss
         bad = None
         for name, term in hooks.loss_terms.items():
@@ -347,16 +349,24 @@ class _Run:
         self.last_saved = (epoch + 1, 0)
 
     def finish(self) -> TrainResult:
-        """Rank 0 writes the final model (``model/``) and ``summary.json``."""
+        """Rank 0 writes the model of the last finished epoch (``model/``) and ``summary.json``.
+
+        ``model/`` is the last epoch's, as ``last.pt`` and the returned model are, not the epoch of
+        the best test accuracy (``best.pt``): the data have no validation split, and a model picked
+        by its test accuracy would make that accuracy an optimistic estimate of its own."""
         in_sync = _ranks_in_sync(self.model, self.d)
+        accs = [r.get("test_acc") for r in self.records]
+        best_epoch = next((i + 1 for i, a in enumerate(accs) if a == self.best_acc), None)
+        last_acc = accs[-1] if accs else None
 
         def write():
             save_model(self.model, self.out / "model")
-            summary = {"best_acc": self.best_acc, "epochs": len(self.records), "world_size": self.d.world,
-                       "ranks_in_sync": in_sync}
+            summary = {"best_acc": self.best_acc, "best_epoch": best_epoch, "last_acc": last_acc,
+                       "epochs": len(self.records), "world_size": self.d.world, "ranks_in_sync": in_sync}
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         _on_rank0(self.d, write)
-        return TrainResult(self.model, self.history, self.best_acc, self.out, in_sync, self.d.main)
+        return TrainResult(self.model, self.history, self.best_acc, self.out, in_sync, self.d.main,
+                           epochs=len(self.records), best_epoch=best_epoch, last_acc=last_acc)
 
 
 @contextlib.contextmanager
@@ -386,6 +396,13 @@ def _progress(it, enabled: bool, desc: str, total: int, initial: int):
         return it
     return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True,
                 disable=None)  # None: a bar on a terminal only, no residue in a log file
+
+
+def _certify_line(test_set) -> str:
+    """What ``--certify``'s metrics measure, said once before the epochs' lines."""
+    std = min(test_set.std)
+    return (f"certify: cert_acc@EPS = certified accuracy at pixel-l2 radius EPS (images in [0, 1]); the network sees "
+            f"(x - mean) / std, min std {std:.4g}, so lipschitz_pixel = lipschitz_bound / {std:.4g}")
 
 
 def _summary_line(rec: dict, epochs: int) -> str:

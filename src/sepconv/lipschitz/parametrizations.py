@@ -1,4 +1,5 @@
-"""The spectral-normalization parametrizations: one concept per class (see :mod:`sepconv.normalize`).
+"""The spectral-normalization parametrizations: one concept per class
+(:func:`sepconv.normalize.spectral_normalize` applies them to a model).
 
 Each is a :mod:`torch.nn.utils.parametrize` parametrization of a layer's ``weight`` that divides
 it by its norm ``sigma`` -- exact, a certified upper bound or an estimate, as each class says --

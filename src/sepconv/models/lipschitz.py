@@ -1,0 +1,183 @@
+"""1-Lipschitz networks, certified by :func:`sepconv.spectral.lipschitz_bound` (issue 15).
+
+Every layer is 1-Lipschitz by construction (:mod:`sepconv.lipschitz`): convolutions normalized by
+their exact or certified norm at the layer's input size, orthonormal or normalized pointwise and
+linear layers, MaxMin / GroupSort activations (Anil, Lucas, Grosse 2019, arXiv 1811.05381),
+optional BatchNorm with clipped slopes, convex residuals, and global L2 pooling before an
+orthonormal classifier (the head works at any input size). The network's constant in eval mode is
+then at most 1 -- and :func:`~sepconv.spectral.lipschitz_bound` checks it independently from the
+weights. The norms are computed at ``image_size`` (default 32); with zero padding a smaller input
+sees a submatrix of each operator, so the certificate also covers smaller inputs (16x16 digits).
+
+* ``lip_simple_cnn`` -- 4 regular 3x3 conv stages (16, 32, 64, 128 channels; all but the first at
+  stride 2), each divided by its certified norm (Sedghi et al. 2019);
+* ``lip_sep_cnn`` -- the same layout with :class:`~sepconv.lipschitz.LipschitzSeparableConv2d`
+  (32, 64, 128, 256 channels; Runkel et al. 2021, arXiv 2102.06496);
+* ``lip_sep_mobilenet`` -- MobileNet-style: separable stem and strided separable downsampling, and per
+  stage :class:`~sepconv.lipschitz.ConvexResidual` inverted-residual units (Björck pointwise
+  expansion, activation, separable projection).
+
+Options shared by all: ``act`` (``maxmin``, ``groupsort`` with groups of 4, ``relu``), ``bn``
+(``False``: none, ``"bounded"``: :class:`~sepconv.lipschitz.BoundedBatchNorm2d` after each conv),
+``image_size``; the separable ones also ``norm`` (``product`` or ``composite``; see
+:class:`~sepconv.lipschitz.LipschitzSeparableConv2d`). ``conv``: ``regular`` (= ``dsc`` for the
+separable ones, which are separable by design). Channels are rounded to multiples of what the
+activation needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..lipschitz.activations import activation, channel_multiple
+from ..lipschitz.blocks import BoundedBatchNorm2d, ConvexResidual, L2Pool2d
+from ..lipschitz.convs import LipschitzSeparableConv2d, lipschitz_conv2d, lipschitz_linear, lipschitz_pointwise
+from ..spectral import ConvSpec
+from ._registry import register_model
+
+__all__ = ["LipschitzCNN", "LipschitzMobileNet", "lip_sep_cnn", "lip_sep_mobilenet", "lip_simple_cnn"]
+
+_INPUT = (3, 32, 32)
+_GROUP = 4  # GroupSort's group size
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    """``(H, W)`` the layers are normalized at, from an int or a pair."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        raise ConfigError(f"image_size must be a positive int or a pair, got {image_size!r:.40}")
+    return size  # type: ignore[return-value]
+
+
+def _channels(c: float, width: float, multiple: int) -> int:
+    """``c * width`` rounded to a multiple of ``multiple`` (what the activation groups need), at least one."""
+    return max(multiple, int(round(c * width / multiple)) * multiple)
+
+
+def _bn(bn, c: int) -> list[nn.Module]:
+    """No layer (``bn=False``) or a :class:`~sepconv.lipschitz.BoundedBatchNorm2d` (``"bounded"``)."""
+    if bn is False or bn is None:
+        return []
+    if bn != "bounded":
+        raise ConfigError(f"bn must be False or 'bounded', got {bn!r:.40}")
+    return [BoundedBatchNorm2d(c)]
+
+
+def _out(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
+    """Output size of ``conv`` on inputs of ``size``: the next layer's normalization size."""
+    return ConvSpec.of(conv, size).out_size(conv.kernel_size)
+
+
+class _Head(nn.Sequential):
+    """Global L2 pooling (1-Lipschitz, any input size), flatten, linear classifier with orthonormal rows
+    (Björck: torch's ``orthogonal`` cannot be built on the meta device, where the registry probes shapes)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__(L2Pool2d(), nn.Flatten(), lipschitz_linear(channels, num_classes, kind="bjorck"))
+
+
+class LipschitzCNN(nn.Module):
+    """Conv stages ``conv -> [BoundedBatchNorm2d] -> act``, the first at stride 1 and the others at
+    stride 2, then :class:`_Head`. ``separable``: each conv is a
+    :class:`~sepconv.lipschitz.LipschitzSeparableConv2d` (the first with the depth multiplier that
+    makes its depthwise part as wide as its output: for one input channel, a regular conv), else a
+    regular conv divided by its certified norm (:func:`~sepconv.lipschitz.lipschitz_conv2d`)."""
+
+    def __init__(self, num_classes: int, in_chans: int, channels: Sequence[int], image_size: tuple[int, int],
+                 act: str = "maxmin", bn=False, separable: bool = False, norm: str = "composite"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, size = in_chans, image_size
+        for i, c in enumerate(channels):
+            stride = 1 if i == 0 else 2
+            if separable:
+                conv = LipschitzSeparableConv2d(c_in, c, 3, stride, in_size=size, norm=norm, bias=not bn,
+                                                depth_multiplier=math.ceil(c / c_in) if i == 0 else 1)
+                size = _out(conv.dw, size)
+            else:
+                conv = lipschitz_conv2d(c_in, c, 3, stride, in_size=size, bias=not bn)
+                size = _out(conv, size)
+            layers += [conv, *_bn(bn, c), activation(act, _GROUP)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = _Head(c_in, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class LipschitzMobileNet(nn.Module):
+    """Separable stem; per stage (the first at stride 1, the others after a strided separable conv)
+    ``blocks[i]`` units ``ConvexResidual(pw expand (Björck) -> [bn] -> act -> separable projection
+    -> [bn], alpha)``; then :class:`_Head`. Every unit is 1-Lipschitz, so the network is."""
+
+    def __init__(self, num_classes: int, in_chans: int, channels: Sequence[int], blocks: Sequence[int],
+                 image_size: tuple[int, int], expand: int = 2, alpha: float = 0.5, act: str = "maxmin", bn=False,
+                 norm: str = "composite"):
+        super().__init__()
+        if len(blocks) != len(channels):
+            raise ConfigError(f"blocks {tuple(blocks)} must give one count per stage of channels {tuple(channels)}")
+        c0 = channels[0]
+        stem = LipschitzSeparableConv2d(in_chans, c0, 3, in_size=image_size, norm=norm, bias=not bn,
+                                        depth_multiplier=math.ceil(c0 / in_chans))
+        layers: list[nn.Module] = [stem, *_bn(bn, c0), activation(act, _GROUP)]
+        c_in, size = c0, image_size
+        for i, (c, n) in enumerate(zip(channels, blocks)):
+            if i:
+                down = LipschitzSeparableConv2d(c_in, c, 3, 2, in_size=size, norm=norm, bias=not bn)
+                size = _out(down.dw, size)
+                layers += [down, *_bn(bn, c), activation(act, _GROUP)]
+            for _ in range(n):
+                body = nn.Sequential(lipschitz_pointwise(c, c * expand, bias=not bn), *_bn(bn, c * expand),
+                                     activation(act, _GROUP),
+                                     LipschitzSeparableConv2d(c * expand, c, 3, in_size=size, norm=norm, bias=not bn),
+                                     *_bn(bn, c))
+                layers.append(ConvexResidual(body, alpha))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = _Head(c_in, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _widths(channels, width: float, act: str) -> tuple[int, ...]:
+    """The stage widths under ``width``, multiples of the activation's group size."""
+    activation(act, _GROUP)  # a clear error for an unknown name, before any layer is built
+    return tuple(_channels(c, width, channel_multiple(act, _GROUP)) for c in channels)
+
+
+@register_model(family="lipschitz", input_size=_INPUT, tags=("lipschitz",))
+def lip_simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
+                   act="maxmin", bn=False, image_size=32):
+    """1-Lipschitz CNN: 4 regular 3x3 conv stages, each divided by its certified norm (``fft``
+    bound at its input size), ``act`` activations, global L2 pooling, orthonormal classifier
+    (~100 k parameters)."""
+    return LipschitzCNN(num_classes, in_chans, _widths(channels, width, act), _image_size(image_size), act, bn)
+
+
+@register_model(family="lipschitz", convs=("regular", "dsc"), input_size=_INPUT, tags=("lipschitz",))
+def lip_sep_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(32, 64, 128, 256),
+                act="maxmin", norm="composite", bn=False, image_size=32):
+    """1-Lipschitz separable CNN: ``lip_simple_cnn``'s layout with
+    :class:`~sepconv.lipschitz.LipschitzSeparableConv2d` stages (``norm``: ``product`` or
+    ``composite``), ~49 k parameters."""
+    return LipschitzCNN(num_classes, in_chans, _widths(channels, width, act), _image_size(image_size), act, bn,
+                        separable=True, norm=norm)
+
+
+@register_model(family="lipschitz", convs=("regular", "dsc"), input_size=_INPUT, tags=("lipschitz",))
+def lip_sep_mobilenet(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
+                      blocks=(1, 1, 1, 1), expand=2, alpha=0.5, act="maxmin", norm="composite", bn=False,
+                      image_size=32):
+    """1-Lipschitz MobileNet-style separable net: stem, strided separable downsampling, per stage
+    ``blocks[i]`` convex-residual inverted-residual units (expansion ``expand``, ``alpha`` of the
+    identity), global L2 pooling, orthonormal classifier (~100 k parameters)."""
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise ConfigError(f"expand must be a positive integer, got {expand!r:.40}")
+    return LipschitzMobileNet(num_classes, in_chans, _widths(channels, width, act), tuple(blocks),
+                              _image_size(image_size), expand, alpha, act, bn, norm)

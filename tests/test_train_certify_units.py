@@ -1,0 +1,58 @@
+"""What ``sepconv train`` reports: ``--certify`` radii are pixel-l2 radii (the dataset's std folded
+into the certificate), and the final line says which epoch ``model/`` holds."""
+
+import json
+
+import pytest
+import torch
+
+from sepconv.data import load_dataset
+from sepconv.io import load_state_dict
+from sepconv.spectral import certified_radii
+from sepconv.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(model="simple_cnn", width=0.25, data="digits", image_size=8, train_images=64, batch_size=16, lr=0.05)
+
+
+def test_certify_logs_the_certified_accuracy_at_pixel_l2_radii(tmp_path):
+    cfg = TINY | dict(train_images=None, epochs=1, sn="dsc", loss="hinge", margin=0.5, certify=(0.0, 0.003, 0.01))
+    res = train(TrainConfig(**cfg, out=str(tmp_path)), progress=False)
+    rec = res.history[-1]
+    test = load_dataset("digits", split="test", image_size=8)
+    x, y = test.get_batch(torch.arange(len(test)))
+    radii, L = certified_radii(res.model, [(x.contiguous(memory_format=torch.channels_last), y)], method="fft",
+                               input_scale=test.std)
+    assert rec["lipschitz_bound"] == pytest.approx(L, rel=1e-9)
+    assert rec["lipschitz_pixel"] == pytest.approx(L / min(test.std), rel=1e-9)
+    assert rec["cert_acc@0"] == rec["test_acc"] > 0.5
+    for eps in (0.003, 0.01):
+        assert rec[f"cert_acc@{eps:g}"] == float((radii > eps).double().mean())
+    # in the network's own units the same images have radii 1 / min(std) ~ 3 times larger
+    net_radii, _ = certified_radii(res.model, [(x.contiguous(memory_format=torch.channels_last), y)], lipschitz=L,
+                                   features_lipschitz=L / float(torch.linalg.matrix_norm(
+                                       res.model.classifier.weight.detach().double(), 2)))
+    torch.testing.assert_close(radii, net_radii * min(test.std), rtol=1e-6, atol=0)
+
+
+def test_the_final_line_says_model_holds_the_last_epoch_and_where_the_best_is(tmp_path, capsys):
+    from sepconv.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "simple_cnn", "--width", "0.25", "--image-size", "8", "--train-images", "64",
+                 "--batch-size", "16", "--epochs", "3", "--certify", "0.01", "--no-progress", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [r["test_acc"] for r in recs]
+    best_epoch = accs.index(max(accs)) + 1
+    assert stdout.count("pixel-l2") == 1 and stdout.count("best test accuracy") == 1, stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last == (f"best test accuracy {max(accs):.4f} at epoch {best_epoch}; model saved to {out / 'model'}: the "
+                    f"last epoch's (3/3, test accuracy {accs[-1]:.4f}); the best epoch's checkpoint is "
+                    f"{out / 'best.pt'}"), last
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_epoch"], summary["last_acc"], summary["epochs"]) == (best_epoch, accs[-1], 3)
+    saved, ckpt = load_state_dict(out / "model"), torch.load(out / "last.pt", weights_only=True)["model"]
+    assert saved.keys() == ckpt.keys() and all(torch.equal(saved[k], ckpt[k]) for k in saved)
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best_epoch
