@@ -263,7 +263,9 @@ def _digits(quick: bool) -> str:
     return ("Bundled digits at 32x32 (1,438 train / 359 test images), 10 epochs, SGD lr 0.05, batch 32, cosine "
             "schedule, seed 0; `--logit-scale 10` trains on cross_entropy(10 logits) / 10 (Bethune et al. 2022). "
             "Lipschitz bound: `lipschitz_bound(model, method='fft')` (certified, eval mode); "
-            "certified accuracy: correct with logit margin > sqrt(2) L eps (Tsuzuku et al. 2018).\n\n"
+            "certified accuracy at l2 radius eps in [0, 1]-scaled pixels (the normalization's std folded in): "
+            "correct and certified by the larger of margin / (sqrt(2) L) (Tsuzuku et al. 2018) and the pairwise "
+            "last-layer radius (`sepconv.spectral.certified_radii`).\n\n"
             + md_table(["model", "training", "test acc (%)", "Lipschitz bound",
                         *(f"certified acc @ eps={e:g} (%)" for e in eps)], rows))
 
