@@ -3,11 +3,12 @@
 Every layer is 1-Lipschitz by construction (:mod:`sepconv.lipschitz`): convolutions normalized by
 their exact or certified norm at the layer's input size, orthonormal or normalized pointwise and
 linear layers, MaxMin / GroupSort activations (Anil, Lucas, Grosse 2019, arXiv 1811.05381),
-optional BatchNorm with clipped slopes, convex residuals, and global L2 pooling before an
-orthonormal classifier (the head works at any input size). The network's constant in eval mode is
-then at most 1 -- and :func:`~sepconv.spectral.lipschitz_bound` checks it independently from the
-weights. The norms are computed at ``image_size`` (default 32); with zero padding a smaller input
-sees a submatrix of each operator, so the certificate also covers smaller inputs (16x16 digits).
+optional BatchNorm with clipped slopes, convex residuals, and an orthonormal classifier on the
+flattened last feature map (``head="pool"``: on global L2 pooling, for any input size). The
+network's constant in eval mode is then at most 1 -- and :func:`~sepconv.spectral.lipschitz_bound`
+checks it independently from the weights. The norms are computed at ``image_size`` (default 32),
+the size the flattened head takes; with ``head="pool"`` and zero padding a smaller input sees a
+submatrix of each operator, so the certificate also covers smaller inputs.
 
 * ``lip_simple_cnn`` -- 4 regular 3x3 conv stages (16, 32, 64, 128 channels; all but the first at
   stride 2), each divided by its certified norm (Sedghi et al. 2019);
@@ -17,9 +18,10 @@ sees a submatrix of each operator, so the certificate also covers smaller inputs
   stage :class:`~sepconv.lipschitz.ConvexResidual` inverted-residual units (Björck pointwise
   expansion, activation, separable projection).
 
-Options shared by all: ``act`` (``maxmin``, ``groupsort`` with groups of 4, ``relu``), ``bn``
-(``False``: none, ``"bounded"``: :class:`~sepconv.lipschitz.BoundedBatchNorm2d` after each conv),
-``image_size``; the separable ones also ``norm`` (``product`` or ``composite``; see
+Options shared by all: ``head`` (``flatten`` or ``pool``), ``act`` (``maxmin``, ``groupsort``
+with groups of 4, ``relu``), ``bn`` (``False``: none, ``"bounded"``:
+:class:`~sepconv.lipschitz.BoundedBatchNorm2d` after each conv), ``image_size``; the separable
+ones also ``norm`` (``product`` or ``composite``; see
 :class:`~sepconv.lipschitz.LipschitzSeparableConv2d`). ``conv``: ``regular`` (= ``dsc`` for the
 separable ones, which are separable by design). Channels are rounded to multiples of what the
 activation needs.
@@ -39,7 +41,7 @@ from ..lipschitz.convs import LipschitzSeparableConv2d, lipschitz_conv2d, lipsch
 from ..spectral import ConvSpec
 from ._registry import register_model
 
-__all__ = ["LipschitzCNN", "LipschitzMobileNet", "lip_sep_cnn", "lip_sep_mobilenet", "lip_simple_cnn"]
+__all__ = ["HEADS", "LipschitzCNN", "LipschitzMobileNet", "lip_sep_cnn", "lip_sep_mobilenet", "lip_simple_cnn"]
 
 _INPUT = (3, 32, 32)
 _GROUP = 4  # GroupSort's group size
@@ -72,12 +74,27 @@ def _out(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
     return ConvSpec.of(conv, size).out_size(conv.kernel_size)
 
 
-class _Head(nn.Sequential):
-    """Global L2 pooling (1-Lipschitz, any input size), flatten, linear classifier with orthonormal rows
-    (Björck: torch's ``orthogonal`` cannot be built on the meta device, where the registry probes shapes)."""
+HEADS = ("flatten", "pool")
 
-    def __init__(self, channels: int, num_classes: int):
-        super().__init__(L2Pool2d(), nn.Flatten(), lipschitz_linear(channels, num_classes, kind="bjorck"))
+
+class _Head(nn.Sequential):
+    """The classifier, a linear layer with orthonormal rows (Björck: torch's ``orthogonal`` cannot be
+    built on the meta device, where the registry probes shapes) on
+
+    * ``"flatten"`` (default): the whole last feature map ``C x H x W`` -- the spatial layout reaches
+      the classifier, as in the 1-Lipschitz CNNs of Anil et al. 2019 and deel-torchlip; inputs must
+      then be of the ``image_size`` the model was built for;
+    * ``"pool"``: one number per channel by global L2 pooling (1-Lipschitz, any input size).
+
+    Both are 1-Lipschitz; NB: on digits the flattened head trains to far larger certified margins
+    (issue 15's note has the measurement)."""
+
+    def __init__(self, channels: int, num_classes: int, size: tuple[int, int], kind: str = "flatten"):
+        if kind not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(map(repr, HEADS))}, got {kind!r:.40}")
+        features = channels * size[0] * size[1] if kind == "flatten" else channels
+        pool = [] if kind == "flatten" else [L2Pool2d()]
+        super().__init__(*pool, nn.Flatten(), lipschitz_linear(features, num_classes, kind="bjorck"))
 
 
 class LipschitzCNN(nn.Module):
@@ -88,7 +105,8 @@ class LipschitzCNN(nn.Module):
     regular conv divided by its certified norm (:func:`~sepconv.lipschitz.lipschitz_conv2d`)."""
 
     def __init__(self, num_classes: int, in_chans: int, channels: Sequence[int], image_size: tuple[int, int],
-                 act: str = "maxmin", bn=False, separable: bool = False, norm: str = "composite"):
+                 act: str = "maxmin", bn=False, separable: bool = False, norm: str = "composite",
+                 head: str = "flatten"):
         super().__init__()
         layers: list[nn.Module] = []
         c_in, size = in_chans, image_size
@@ -104,7 +122,7 @@ class LipschitzCNN(nn.Module):
             layers += [conv, *_bn(bn, c), activation(act, _GROUP)]
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.head = _Head(c_in, num_classes)
+        self.head = _Head(c_in, num_classes, size, head)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -117,7 +135,7 @@ class LipschitzMobileNet(nn.Module):
 
     def __init__(self, num_classes: int, in_chans: int, channels: Sequence[int], blocks: Sequence[int],
                  image_size: tuple[int, int], expand: int = 2, alpha: float = 0.5, act: str = "maxmin", bn=False,
-                 norm: str = "composite"):
+                 norm: str = "composite", head: str = "flatten"):
         super().__init__()
         if len(blocks) != len(channels):
             raise ConfigError(f"blocks {tuple(blocks)} must give one count per stage of channels {tuple(channels)}")
@@ -139,7 +157,7 @@ class LipschitzMobileNet(nn.Module):
                 layers.append(ConvexResidual(body, alpha))
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.head = _Head(c_in, num_classes)
+        self.head = _Head(c_in, num_classes, size, head)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -153,31 +171,33 @@ def _widths(channels, width: float, act: str) -> tuple[int, ...]:
 
 @register_model(family="lipschitz", input_size=_INPUT, tags=("lipschitz",))
 def lip_simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
-                   act="maxmin", bn=False, image_size=32):
+                   act="maxmin", bn=False, image_size=32, head="flatten"):
     """1-Lipschitz CNN: 4 regular 3x3 conv stages, each divided by its certified norm (``fft``
-    bound at its input size), ``act`` activations, global L2 pooling, orthonormal classifier
-    (~100 k parameters)."""
-    return LipschitzCNN(num_classes, in_chans, _widths(channels, width, act), _image_size(image_size), act, bn)
+    bound at its input size), ``act`` activations, orthonormal classifier on the flattened last
+    feature map (``head="pool"``: global L2 pooling first); ~120 k parameters for digits."""
+    return LipschitzCNN(num_classes, in_chans, _widths(channels, width, act), _image_size(image_size), act, bn,
+                        head=head)
 
 
 @register_model(family="lipschitz", convs=("regular", "dsc"), input_size=_INPUT, tags=("lipschitz",))
 def lip_sep_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(32, 64, 128, 256),
-                act="maxmin", norm="composite", bn=False, image_size=32):
+                act="maxmin", norm="composite", bn=False, image_size=32, head="flatten"):
     """1-Lipschitz separable CNN: ``lip_simple_cnn``'s layout with
     :class:`~sepconv.lipschitz.LipschitzSeparableConv2d` stages (``norm``: ``product`` or
-    ``composite``), ~49 k parameters."""
+    ``composite``); ~90 k parameters for digits (~49 k with ``head="pool"``)."""
     return LipschitzCNN(num_classes, in_chans, _widths(channels, width, act), _image_size(image_size), act, bn,
-                        separable=True, norm=norm)
+                        separable=True, norm=norm, head=head)
 
 
 @register_model(family="lipschitz", convs=("regular", "dsc"), input_size=_INPUT, tags=("lipschitz",))
 def lip_sep_mobilenet(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
                       blocks=(1, 1, 1, 1), expand=2, alpha=0.5, act="maxmin", norm="composite", bn=False,
-                      image_size=32):
+                      image_size=32, head="flatten"):
     """1-Lipschitz MobileNet-style separable net: stem, strided separable downsampling, per stage
     ``blocks[i]`` convex-residual inverted-residual units (expansion ``expand``, ``alpha`` of the
-    identity), global L2 pooling, orthonormal classifier (~100 k parameters)."""
+    identity), orthonormal classifier on the flattened last feature map (``head="pool"``: global L2
+    pooling first); ~125 k parameters for digits."""
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ConfigError(f"expand must be a positive integer, got {expand!r:.40}")
     return LipschitzMobileNet(num_classes, in_chans, _widths(channels, width, act), tuple(blocks),
-                              _image_size(image_size), expand, alpha, act, bn, norm)
+                              _image_size(image_size), expand, alpha, act, bn, norm, head)
