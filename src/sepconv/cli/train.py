@@ -71,8 +71,8 @@ def add(sub) -> argparse.ArgumentParser:
                         "BSConv-S parts, else 0)")
     g = p.add_argument_group("spectral normalization and certification")
     g.add_argument("--sn", choices=normalize_methods(), default=None,
-                   help="spectrally normalize every layer: dsc (depthwise FFT + pointwise matrix norms), operator, "
-                        "fantastic4, gram, or reshape (torch's, for comparison)")
+                   help="spectrally normalize every layer by this method (dsc: depthwise FFT + pointwise "
+                        "matrix norms, Runkel et al.; reshape: torch's, for comparison; see sepconv.normalize)")
     g.add_argument("--sn-target", type=positive_float, default=d.sn_target, metavar="C",
                    help="largest allowed norm per layer (default 1)")
     g.add_argument("--sn-mode", choices=SN_MODES, default=d.sn_mode,
@@ -83,7 +83,12 @@ def add(sub) -> argparse.ArgumentParser:
     g.add_argument("--certify", type=nonneg_float, nargs="+", default=[], metavar="EPS",
                    help="after each epoch, log the network Lipschitz bound and the certified accuracy "
                         "at these pixel-l2 radii (images scaled to [0, 1], before the data's normalization)")
-    g = p.add_argument_group("run")
+    _add_run_args(p.add_argument_group("run"), d)
+    return p
+
+
+def _add_run_args(g, d: TrainConfig) -> None:
+    """The ``run`` group of ``sepconv train``: where it writes, resuming, seed and device."""
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/MODEL-DATA)")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt; the settings must be the checkpoint's, except --epochs (may "
@@ -99,7 +104,6 @@ def add(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (the per-epoch summary lines stay)")
-    return p
 
 
 def train_config(args) -> TrainConfig:
