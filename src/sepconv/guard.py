@@ -39,6 +39,7 @@ __all__ = [
     "format_bytes",
     "forward_memory",
     "meta_forward",
+    "param_dtype",
     "memory_budget",
     "model_bytes",
     "os_reason",
@@ -158,6 +159,13 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first parameter when it is floating, else float32: the dtype its
+    activations are estimated in."""
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 def meta_forward(model: nn.Module, input_shape: Sequence[int], batch: int = 1, training: bool = False,
                  dtype: torch.dtype | None = None, mode=None):
     """The output of one forward pass of ``model`` on a batch of ``input_shape`` on the ``meta``
@@ -170,8 +178,7 @@ def meta_forward(model: nn.Module, input_shape: Sequence[int], batch: int = 1, t
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     if any(is_lazy(v) for _, v in tensors):  # shapes not known before the first real forward
         return None
-    p = next(iter(model.parameters()), None)
-    dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    dtype = dtype or param_dtype(model)
     was = model.training
     model.train(training)
     meta = {k: torch.empty_like(v, device="meta").requires_grad_(training and v.requires_grad) for k, v in tensors}
@@ -193,8 +200,7 @@ def forward_memory(model: nn.Module, input_shape: Sequence[int], batch: int = 1,
     buffers are not counted). Measured on the ``meta`` device (:func:`meta_forward`), so nothing
     is allocated and nothing computed. ``None`` when the model cannot run on meta tensors
     (data-dependent control flow) or has lazy parameters."""
-    p = next(iter(model.parameters()), None)
-    dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    dtype = dtype or param_dtype(model)
     mode = _LiveBytes(tensor_bytes((batch, *input_shape), dtype))
     out = meta_forward(model, input_shape, batch, training, dtype, mode)
     return None if out is None else mode.peak

@@ -37,6 +37,26 @@ def test_a_factory_in_a_model_directory_is_refused_by_every_command(capsys, tmp_
     assert not marker.exists()
 
 
+def test_training_from_a_factory_directory_is_refused_in_python(tmp_path):
+    from sepconv.train import TrainConfig, train
+
+    d, marker = _evil_dir(tmp_path)
+    with pytest.raises(WeightsError, match="trust"):  # the Python API's default is the CLI's: no code
+        train(TrainConfig(init=str(d), epochs=1, train_images=32, out=str(tmp_path / "py")), progress=False)
+    assert not marker.exists()
+
+
+def test_trust_is_given_per_invocation_not_remembered_by_a_run(capsys, tmp_path):
+    m = create_model("simple_cnn", num_classes=10, in_chans=1)
+    save_model(m, tmp_path / "m", config={"factory": "sepconv.models:create_model",
+                                          "kwargs": {"name": "simple_cnn", "num_classes": 10, "in_chans": 1}})
+    run = ["train", "--init", tmp_path / "m", "--epochs", "2", "--train-images", "32", "--out", tmp_path / "o"]
+    code, _, err = run_cli(capsys, *run, "--trust-code", "--stop-after", "1")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *run, "--resume")  # the checkpoint names the directory; no opt-in now
+    assert_one_line(code, err, "sepconv.models:create_model", "--trust-code")
+
+
 @pytest.mark.parametrize("factory", ["os:system", "subprocess:call", "builtins:exec", "sepconv.models:create_model"])
 def test_load_model_refuses_any_factory_without_trust_code(tmp_path, factory):
     d, marker = _evil_dir(tmp_path, factory)
