@@ -172,6 +172,21 @@ def test_render_runs_on_synthetic_rows():
     assert "not available: model 'x'" in text and "| sepconv lip_x | - |" in text
 
 
+def test_ff_effect_is_the_paired_difference_penalty_minus_none():
+    (plain_label, _), (pen_label, pen_cfg) = bc.FF_ROWS
+    assert pen_cfg["ff_beta"] == bc.FF_BETA > 0 and all(label in dict(bc.OURS) for label, _ in bc.FF_ROWS)
+    plain, pen = _row(plain_label, "ours", (0.1, 0.0, 0.0, 0.0)), _row(pen_label, "ours", (0.3, 0.1, 0.0, 0.0))
+    pen.cert[0.1] = [0.2, 0.3, 0.4]  # differences 0.1, 0.2, 0.3: mean 0.2, t-interval +-0.248
+    plain.median_radius, pen.median_radius = [0.01, 0.02, 0.03], [0.02, 0.03, 0.04]
+    plain.lipschitz, pen.lipschitz = [200.0] * 3, [150.0] * 3
+    plain.seeds = pen.seeds = [0, 1, 2]
+    text = bc.ff_effect([plain, pen])
+    assert "paired over 3 seeds" in text and "at eps 0.1: +20.0, 95% interval -4.8 to +44.8 pp" in text, text
+    assert "at eps 0.25: +10.0, 95% interval +10.0 to +10.0 pp" in text and "median certified radius: +1.00e-02" in text
+    assert "Lipschitz bound (pixels): -50" in text
+    assert bc.ff_effect([plain]) == ""  # nothing to compare
+
+
 # ------------------------------------------------------------------------------ sepconv's rows
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -20,10 +21,12 @@ from sepconv.lipschitz import (
     L2Pool2d,
     LipschitzSeparableConv2d,
     MaxMin,
+    ParaunitaryDepthwise,
     bjorck_orthonormalize,
     lipschitz_conv2d,
     lipschitz_linear,
     lipschitz_pointwise,
+    orthogonal_depthwise,
     separable_norm,
 )
 from sepconv.spectral import ConvSpec, lipschitz_bound
@@ -330,3 +333,84 @@ def test_bad_input_is_a_one_line_config_error_naming_the_layer(make, call, match
         m = make()
         call(m)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------- orthogonal (paraunitary) depthwise
+
+
+def _dense(conv: nn.Conv2d, size) -> torch.Tensor:
+    """The dense matrix of ``conv`` (no bias) on inputs ``(C, *size)``, float64, by its Jacobian."""
+    x = torch.zeros(conv.in_channels, *size, dtype=F64)
+    with torch.no_grad():
+        weight = conv.weight.to(F64)
+    f = lambda v: F.conv2d(F.pad(v[None], conv._reversed_padding_repeated_twice, "circular")  # noqa: E731
+                           if conv.padding_mode == "circular" else v[None], weight, None, conv.stride,
+                           0 if conv.padding_mode == "circular" else conv.padding, conv.dilation, conv.groups)[0]
+    return torch.autograd.functional.jacobian(f, x).reshape(-1, x.numel())
+
+
+@pytest.mark.parametrize("m,k,size", [(2, (3, 3), (6, 6)), (3, (3, 5), (7, 8)), (9, (3, 3), (5, 5)),
+                                      (4, (1, 1), (4, 4))])
+def test_paraunitary_depthwise_is_an_isometry_with_circular_padding(m, k, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3 * m, k, padding=(k[0] // 2, k[1] // 2), groups=3, bias=False, padding_mode="circular")
+    parametrize.register_parametrization(conv, "weight", ParaunitaryDepthwise(m, k), unsafe=True)
+    s = torch.linalg.svdvals(_dense(conv, size))
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-6), (s.min(), s.max())
+    h = conv.weight.detach().to(F64).reshape(3, m, *k)  # per channel and frequency sum_j |h_j^(w)|^2 = 1
+    power = torch.fft.fft2(h, s=(16, 16)).abs().pow(2).sum(1)
+    assert torch.allclose(power, torch.ones_like(power), atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding_mode", [(1, "zeros"), (2, "zeros"), (2, "circular")])
+def test_paraunitary_depthwise_has_norm_at_most_one_with_zero_padding_or_stride(stride, padding_mode):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 8, 3, stride, 1, groups=4, bias=False, padding_mode=padding_mode)
+    parametrize.register_parametrization(conv, "weight", ParaunitaryDepthwise(2, (3, 3)), unsafe=True)
+    s = torch.linalg.svdvals(_dense(conv, (6, 6)))
+    assert s.max() <= 1 + 1e-6 and s.max() > 0.5
+
+
+def test_orthogonal_separable_block_is_an_isometry_and_certified_at_one():
+    torch.manual_seed(2)
+    size = (6, 6)
+    block = LipschitzSeparableConv2d(4, 8, 3, in_size=size, norm="orthogonal", depth_multiplier=2,
+                                     padding_mode="circular").double().eval()
+    assert isinstance(block.pw.parametrizations.weight[0], BjorckOrthonormal)
+    with torch.no_grad():
+        weight = compose_depthwise_separable(block.dw.weight, block.pw.weight, 4)
+    s = torch.linalg.svdvals(ConvSpec(size, padding=(1, 1), padding_mode="circular").dense_operator(weight))
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-5), (s.min(), s.max())  # every direction kept
+    assert lipschitz_bound(block, (4, *size)) <= 1 + 1e-6
+    zeros = LipschitzSeparableConv2d(4, 6, 3, 2, in_size=size, norm="orthogonal", depth_multiplier=2).double()
+    zeros(torch.randn(2, 4, *size, dtype=F64)).pow(2).sum().backward()  # differentiable in both factors
+    for p in (zeros.dw.parametrizations.weight.original, zeros.pw.parametrizations.weight.original):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0
+    assert _block_operator_norm(zeros.eval(), size) <= 1 + 1e-6
+    assert lipschitz_bound(zeros, (4, *size)) <= 1 + 1e-6
+
+
+def test_paraunitary_depthwise_refuses_a_multiplier_below_two():
+    for m in (1, 0, True, 2.0):
+        with pytest.raises(ConfigError, match="ParaunitaryDepthwise: the depth multiplier") as info:
+            ParaunitaryDepthwise(m, (3, 3))
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="ParaunitaryDepthwise"):
+        LipschitzSeparableConv2d(4, 4, in_size=8, norm="orthogonal")  # depth multiplier 1
+
+
+def test_orthogonal_depthwise_is_the_block_without_its_redundant_pointwise_part():
+    torch.manual_seed(3)
+    conv = orthogonal_depthwise(1, 12, 3, padding_mode="circular").double()
+    s = torch.linalg.svdvals(_dense(conv, (5, 5)))
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-6)  # 1 -> 12 channels: an isometry
+    # an orthogonal pointwise conv after a paraunitary bank gives another paraunitary bank: per frequency
+    # U h(w) has the same norm, so the pair is no more expressive and costs a conv more
+    u = torch.linalg.qr(torch.randn(12, 12, dtype=F64))[0]
+    h = torch.fft.fft2(conv.weight.detach()[:, 0], s=(8, 8))
+    rotated = torch.einsum("ij,jxy->ixy", u.to(h.dtype), h)
+    assert torch.allclose(rotated.abs().pow(2).sum(0), torch.ones(8, 8, dtype=F64))
+    zeros = orthogonal_depthwise(3, 6, 3, 2).double()
+    assert torch.linalg.svdvals(_dense(zeros, (6, 6))).max() <= 1 + 1e-6
+    with pytest.raises(ConfigError, match="orthogonal_depthwise: 7 output channels are not a multiple of 3"):
+        orthogonal_depthwise(3, 7)

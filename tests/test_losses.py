@@ -16,6 +16,7 @@ from sepconv.losses import (
     hkr,
     kantorovich_rubinstein,
     loss_names,
+    margin_cross_entropy,
     multiclass_hinge,
     one_vs_all_hinge,
 )
@@ -44,6 +45,19 @@ def test_cross_entropy_by_hand_and_tau_ce_is_the_same_loss():
     assert torch.equal(classification_loss(z, y), F.cross_entropy(z, y))  # the default is unchanged
 
 
+def test_margin_cross_entropy_by_hand_is_cross_entropy_of_the_lowered_true_logit():
+    z, y = _z()
+    # the true logits lowered by m = 0.5: sample 0 [1.5, 0, -1] (y = 0), sample 1 [0.5, 1, -0.5] (y = 2); s = 2
+    s, m = 2.0, 0.5
+    by_hand = (math.log(1 + math.exp(-1.5 * s) + math.exp(-2.5 * s))
+               + math.log(math.exp(1.0 * s) + math.exp(1.5 * s) + 1)) / 2 / s
+    assert margin_cross_entropy(z, y, margin=m, logit_scale=s).item() == pytest.approx(by_hand, rel=1e-12)
+    got = classification_loss(z, y, loss="margin_ce", margin=m, logit_scale=s)
+    assert got.item() == pytest.approx(by_hand, rel=1e-12)
+    # it penalises a right sample that is not past the margin more than plain cross-entropy does
+    assert margin_cross_entropy(z, y, margin=m).item() > cross_entropy(z, y).item()
+
+
 def test_multiclass_hinge_by_hand_equals_torch_multi_margin_loss():
     z, y = _z()
     # sample 0: max(0, 1 - (2 - 0)) + max(0, 1 - (2 + 1)) = 0; sample 1 (z_y = 0): (1 + 0.5) + (1 + 1) = 3.5;
@@ -67,7 +81,7 @@ def test_hkr_by_hand():
     assert got.item() == pytest.approx(0.9 * 4 / 6 - 0.1 * 2 / 3, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ce", "hinge", "hkr"])
+@pytest.mark.parametrize("name", ["ce", "margin_ce", "hinge", "hkr"])
 def test_every_loss_pushes_the_true_logit_up_and_the_violating_ones_down(name):
     z, y = _z(requires_grad=True)
     get_loss(name)(z, y, margin=1.0, hkr_alpha=0.9).backward()
@@ -106,7 +120,7 @@ def _margins(model, x, y):
     return top - other
 
 
-@pytest.mark.parametrize("name", ["hinge", "hkr"])
+@pytest.mark.parametrize("name", ["hinge", "hkr", "margin_ce"])
 def test_margin_losses_drive_the_margins_of_a_1_lipschitz_model_above_the_margin(name):
     torch.manual_seed(0)
     x, y = _blobs()
@@ -116,7 +130,8 @@ def test_margin_losses_drive_the_margins_of_a_1_lipschitz_model_above_the_margin
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(300):
         opt.zero_grad()
-        get_loss(name)(model(x), y, margin=m, hkr_alpha=0.9).backward()
+        options = {"margin": m, "logit_scale": 4.0} if name == "margin_ce" else {"margin": m, "hkr_alpha": 0.9}
+        get_loss(name)(model(x), y, **options).backward()
         opt.step()
     after = _margins(model, x, y).detach()
     assert (before >= m).double().mean() < 0.5, before
@@ -126,6 +141,8 @@ def test_margin_losses_drive_the_margins_of_a_1_lipschitz_model_above_the_margin
 def test_losses_refuse_bad_settings_and_shapes():
     z, y = _z()
     for call, word in [(lambda: multiclass_hinge(z, y, margin=0.0), "margin"),
+                       (lambda: margin_cross_entropy(z, y, margin=-1.0), "margin"),
+                       (lambda: margin_cross_entropy(z, y, logit_scale=0.0), "logit_scale"),
                        (lambda: multiclass_hinge(z, y, margin=math.nan), "margin"),
                        (lambda: one_vs_all_hinge(z, y, margin=-1.0), "margin"),
                        (lambda: hkr(z, y, alpha=0.0), "alpha"),
@@ -139,13 +156,13 @@ def test_losses_refuse_bad_settings_and_shapes():
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(loss="nope"), ["unknown loss", "'nope'", "ce, hinge, hkr"]),
+    (dict(loss="nope"), ["unknown loss", "'nope'", "ce, margin_ce, hinge, hkr"]),
     (dict(loss="hinge", margin=0.0), ["margin"]),
     (dict(loss="hinge", margin=-1.0), ["margin"]),
     (dict(loss="hinge", margin=math.nan), ["margin"]),
     (dict(loss="hkr", hkr_alpha=0.0), ["hkr_alpha"]),
     (dict(loss="hkr", hkr_alpha=1.01), ["hkr_alpha"]),
-    (dict(loss="ce", margin=2.0), ["margin", "--loss hinge"]),
+    (dict(loss="ce", margin=2.0), ["margin", "margin_ce or hinge or hkr", "--loss margin_ce"]),
     (dict(loss="hinge", logit_scale=10.0), ["logit_scale", "--loss ce"]),
     (dict(loss="hinge", label_smoothing=0.1), ["label_smoothing"]),
     (dict(loss="hinge", hkr_alpha=0.5), ["hkr_alpha", "--loss hkr"]),
@@ -173,7 +190,7 @@ def _cli(capsys, *argv):
     (["--loss", "hinge", "--margin", "-1"], ["--margin"]),
     (["--loss", "hinge", "--margin", "nan"], ["--margin"]),
     (["--loss", "hkr", "--hkr-alpha", "2"], ["--hkr-alpha"]),
-    (["--margin", "2"], ["margin", "--loss hinge"]),
+    (["--margin", "2"], ["margin", "--loss margin_ce"]),
 ])
 def test_cli_bad_loss_options_give_one_line_and_status_2(capsys, tmp_path, argv, words):
     code, cap = _cli(capsys, "train", *argv, "--epochs", "1", "--out", tmp_path / "o")

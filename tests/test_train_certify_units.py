@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from sepconv.data import load_dataset
 from sepconv.io import load_state_dict
@@ -56,3 +57,46 @@ def test_the_final_line_says_model_holds_the_last_epoch_and_where_the_best_is(tm
     saved, ckpt = load_state_dict(out / "model"), torch.load(out / "last.pt", weights_only=True)["model"]
     assert saved.keys() == ckpt.keys() and all(torch.equal(saved[k], ckpt[k]) for k in saved)
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best_epoch
+
+
+class _Square(nn.Module):
+    def forward(self, x):
+        return x * x  # no global Lipschitz constant
+
+
+def test_a_model_without_a_lipschitz_bound_asked_for_certificates_is_refused_before_training(tmp_path, capsys,
+                                                                                              monkeypatch):
+    from sepconv.cli import main
+    from sepconv.models import _registry, register_model
+
+    monkeypatch.setattr(_registry, "_MODELS", dict(_registry._MODELS))  # the test's model is gone afterwards
+
+    @register_model(family="test", input_size=(1, 8, 8))
+    def _test_square_net(num_classes=10, in_chans=1, conv="regular", width=1.0):
+        return nn.Sequential(nn.Conv2d(in_chans, 4, 3, padding=1), _Square(), nn.Flatten(),
+                             nn.Linear(4 * 64, num_classes))
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "_test_square_net", "--image-size", "8", "--train-images", "16", "--batch-size", "8",
+            "--epochs", "1", "--no-progress"]
+    try:
+        code = main([*argv, "--certify", "0.1", "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "no global Lipschitz constant" in err and "mul" in err, err
+    assert not (out / "last.pt").exists()  # refused before any training step
+    assert main([*argv, "--out", str(tmp_path / "free")]) == 0  # without --certify it trains
+
+
+@pytest.mark.parametrize("eps", ["nan", "-1", "inf"])
+def test_certify_refuses_a_negative_or_nan_radius_in_one_line(tmp_path, capsys, eps):
+    from sepconv.cli import main
+
+    try:
+        code = main(["train", "--certify", eps, "--epochs", "1", "--out", str(tmp_path)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--certify" in err and "Traceback" not in err, err

@@ -9,6 +9,8 @@ name      options                         loss
 ========  ==============================  ===========================================================
 ``ce``    ``logit_scale``,                cross-entropy of scaled logits, ``CE(s z, y) / s``
           ``label_smoothing``             (``tau_ce``: the same, Bethune et al.'s name)
+``margin_ce`` ``margin``, ``logit_scale``  cross-entropy with the true logit lowered by the margin,
+                                          ``CE(s (z - m e_y), y) / s``
 ``hinge`` ``margin``                      multi-class hinge ``(1/K) sum_{j != y} max(0, m - (z_y - z_j))``
 ``hkr``   ``margin``, ``hkr_alpha``       hinge-regularized Kantorovich-Rubinstein (one-vs-all)
 ========  ==============================  ===========================================================
@@ -38,7 +40,8 @@ from torch import Tensor
 from .errors import ConfigError
 
 __all__ = ["LOSSES", "LOSS_ALIASES", "LossSpec", "canonical_loss", "cross_entropy", "get_loss", "hkr",
-           "kantorovich_rubinstein", "loss_names", "multiclass_hinge", "one_vs_all_hinge", "register_loss"]
+           "kantorovich_rubinstein", "loss_names", "margin_cross_entropy", "multiclass_hinge", "one_vs_all_hinge",
+           "register_loss"]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -81,6 +84,18 @@ def cross_entropy(logits: Tensor, y: Tensor, logit_scale: float = 1.0, label_smo
     if s == 1.0:
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     return F.cross_entropy(logits * s, y, label_smoothing=label_smoothing) / s
+
+
+def margin_cross_entropy(logits: Tensor, y: Tensor, margin: float = 1.0, logit_scale: float = 1.0) -> Tensor:
+    """``CE(s (z - m e_y), y) / s``: :func:`cross_entropy` (scale ``s``) after the true class's logit is
+    lowered by the margin ``m``, so the loss keeps pulling until ``z_y - z_j`` is well past ``m`` --
+    a smooth hinge at margin ``m`` (the additive-margin softmax of Wang et al., *CosFace*, CVPR 2018;
+    the "cross-entropy with offset" that Prach & Lampert, ECCV 2022, arXiv 2208.03160, Sec. 5, train
+    1-Lipschitz networks with: ``m = sqrt(2) eps`` for a radius ``eps``, temperature ``1 / s``)."""
+    _check(logits, y, "margin_cross_entropy")
+    m = _positive(margin, "margin_cross_entropy", "margin")
+    shifted = logits - m * F.one_hot(y.to(logits.device), logits.shape[1]).to(logits.dtype)
+    return cross_entropy(shifted, y, logit_scale)
 
 
 def multiclass_hinge(logits: Tensor, y: Tensor, margin: float = 1.0) -> Tensor:
@@ -199,6 +214,9 @@ def get_loss(name: str) -> LossSpec:
 register_loss(LossSpec("ce", cross_entropy, {"logit_scale": "logit_scale", "label_smoothing": "label_smoothing"},
                        "cross-entropy of the logits times --logit-scale S, divided by S (Bethune et al. 2022)"),
               aliases=("tau_ce",))
+register_loss(LossSpec("margin_ce", margin_cross_entropy, {"margin": "margin", "logit_scale": "logit_scale"},
+                       "cross-entropy with the true logit lowered by --margin M, logits times --logit-scale S "
+                       "(Prach & Lampert 2022)"))
 register_loss(LossSpec("hinge", multiclass_hinge, {"margin": "margin"},
                        "multi-class hinge with logit margin --margin (Li et al. 2019; Trockman & Kolter 2021)"))
 register_loss(LossSpec("hkr", hkr, {"margin": "margin", "alpha": "hkr_alpha"},

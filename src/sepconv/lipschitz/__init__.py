@@ -11,8 +11,11 @@ into one operator. The parameter-free layers here declare their exact constant
 activations (:mod:`.activations`)        :class:`MaxMin`, :class:`GroupSort` -- exactly 1-Lipschitz,
                                         gradient-norm preserving (Anil, Lucas, Grosse 2019)
 orthonormal weights (:mod:`.bjorck`)     :class:`BjorckOrthonormal` (Björck & Bowie 1971)
+orthogonal depthwise                    :class:`ParaunitaryDepthwise`: per channel a paraunitary
+(:mod:`.paraunitary`)                    filter bank (an isometry from ``C`` to ``m C`` channels)
 layers (:mod:`.convs`)                   :func:`lipschitz_linear`, :func:`lipschitz_pointwise`,
-                                        :func:`lipschitz_conv2d`, :class:`LipschitzSeparableConv2d`
+                                        :func:`lipschitz_conv2d`, :class:`LipschitzSeparableConv2d`,
+                                        :func:`orthogonal_depthwise`
 composite norm (:mod:`.composite`)       :class:`CompositeNorm`: a separable block normalized as
                                         one operator (per frequency ``||P diag(D^(w))||``)
 normalized weights                       :class:`DepthwiseFFTNorm`, :class:`MatrixNorm`, :class:`BoundNorm`,
@@ -41,10 +44,12 @@ from .convs import (
     lipschitz_conv2d,
     lipschitz_linear,
     lipschitz_pointwise,
+    orthogonal_depthwise,
 )
+from .paraunitary import ParaunitaryDepthwise, paraunitary_filters
 
 __all__ = ["ACTIVATIONS", "BJORCK_ITERATIONS", "BjorckOrthonormal", "BoundedBatchNorm2d", "CompositeNorm",
            "ConvexResidual", "GroupSort", "L2Pool2d", "LINEAR_KINDS", "LipschitzSeparableConv2d", "MaxMin", "NORMS",
-           "POINTWISE_KINDS", "activation", "bjorck_orthonormalize", "channel_multiple", "composite_methods",
-           "group_sort", "l2_pool2d", "lipschitz_conv2d", "lipschitz_linear", "lipschitz_pointwise", "max_min",
-           "separable_norm"]
+           "POINTWISE_KINDS", "ParaunitaryDepthwise", "activation", "bjorck_orthonormalize", "channel_multiple",
+           "composite_methods", "group_sort", "l2_pool2d", "lipschitz_conv2d", "lipschitz_linear",
+           "lipschitz_pointwise", "max_min", "orthogonal_depthwise", "paraunitary_filters", "separable_norm"]

@@ -6,10 +6,13 @@ ordinary layers.
 * :func:`lipschitz_linear` -- torch's ``orthogonal`` (norm exactly 1), Björck or the matrix norm
   (:class:`~sepconv.normalize.MatrixNorm`): norm <= 1;
 * :func:`lipschitz_pointwise` -- a 1x1 conv by Björck or the matrix norm: norm <= 1 (certified);
+* :func:`orthogonal_depthwise` -- a depthwise conv ``C -> m C`` of paraunitary filter banks: an isometry
+  (circular padding) or norm <= 1;
 * :func:`lipschitz_conv2d` -- a regular conv by a certified bound (:class:`~sepconv.normalize.BoundNorm`):
   norm <= 1 (certified);
 * :class:`LipschitzSeparableConv2d` -- depthwise by its FFT norm and pointwise by its matrix norm or
-  Björck (*product*), or the block by its own norm (*composite*): norm <= 1 (certified).
+  Björck (*product*), the block by its own norm (*composite*), or both factors orthogonal
+  (*orthogonal*: paraunitary depthwise, Björck pointwise): norm <= 1 (certified).
 
 "certified" holds in eval mode; :class:`~sepconv.normalize.MatrixNorm` estimates its norm by power
 iteration in training mode (Miyato et al. 2018) and uses the exact one in eval mode.
@@ -33,16 +36,18 @@ from ..spectral import ConvSpec
 from .bjorck import BJORCK_ITERATIONS, BjorckOrthonormal
 from .composite import CompositeNorm, composite_methods
 from .parametrizations import BoundNorm, DepthwiseFFTNorm, MatrixNorm
+from .paraunitary import ParaunitaryDepthwise
 
 __all__ = ["LINEAR_KINDS", "LipschitzSeparableConv2d", "NORMS", "POINTWISE_KINDS", "lipschitz_conv2d",
-           "lipschitz_linear", "lipschitz_pointwise"]
+           "lipschitz_linear", "lipschitz_pointwise", "orthogonal_depthwise"]
 
 #: How a Linear layer is kept 1-Lipschitz: torch's orthogonal parametrization, Björck, matrix norm.
 LINEAR_KINDS = ("orthogonal", "bjorck", "normalized")
 #: How a pointwise conv is kept 1-Lipschitz (``none``: only with the composite normalization).
 POINTWISE_KINDS = ("bjorck", "normalized", "none")
-#: How a separable block is normalized: each factor alone, or the block as one operator.
-NORMS = ("product", "composite")
+#: How a separable block is kept 1-Lipschitz: each factor normalized alone, the block normalized as one
+#: operator, or both factors orthogonal (paraunitary depthwise, Björck pointwise).
+NORMS = ("product", "composite", "orthogonal")
 
 
 class _ShapesOnMeta:
@@ -118,6 +123,23 @@ def lipschitz_pointwise(in_channels: int, out_channels: int, bias: bool = True, 
     return conv
 
 
+def orthogonal_depthwise(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                         padding: int | None = None, *, bias: bool = True, padding_mode: str = "zeros") -> nn.Conv2d:
+    """A depthwise ``nn.Conv2d`` ``C_in -> C_out = m C_in`` (``groups=C_in``, ``m >= 2``) whose channels are
+    paraunitary filter banks (:class:`~sepconv.lipschitz.ParaunitaryDepthwise`): an **isometry** with
+    circular padding, norm **<= 1** otherwise. The orthogonal separable block without its pointwise
+    part: an orthogonal ``m x m`` pointwise conv after it adds nothing (it only rotates the bank's
+    projections), so where the widths allow (``C_out`` a multiple of ``C_in``, as for a first layer on
+    one input channel) this is the cheaper layer. ``padding`` defaults to ``(k - 1) // 2``."""
+    if in_channels < 1 or out_channels % in_channels:
+        raise ConfigError(f"orthogonal_depthwise: {out_channels} output channels are not a multiple of "
+                          f"{in_channels} input channels")
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2 if padding is None
+                     else padding, groups=in_channels, bias=bias, padding_mode=padding_mode)
+    _register(conv, ParaunitaryDepthwise(out_channels // in_channels, conv.kernel_size))
+    return conv
+
+
 def lipschitz_conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                      padding: int | None = None, *, in_size: int | Sequence[int], bias: bool = True,
                      padding_mode: str = "zeros", method: str = "fft", mode: str = "scale") -> nn.Conv2d:
@@ -148,7 +170,14 @@ class LipschitzSeparableConv2d(DepthwiseSeparableConv2d):
       **certified** otherwise), so its norm is 1 (circular) or at most 1 -- never below it because
       the two factors' maxima do not align. ``dw`` keeps its FFT normalization (it only fixes the
       scale shared by the two factors); ``pointwise`` defaults to ``"none"`` (``"bjorck"`` makes
-      ``pw`` near-orthonormal before the block is normalized).
+      ``pw`` near-orthonormal before the block is normalized);
+    * ``norm="orthogonal"``: ``dw`` a paraunitary filter bank per channel
+      (:class:`~sepconv.lipschitz.ParaunitaryDepthwise`; needs ``depth_multiplier >= 2``: an
+      **isometry** from ``C_in`` to ``m C_in`` channels with circular padding, norm <= 1 otherwise) and
+      ``pw`` orthonormalized (``pointwise="bjorck"``, the default here) -- no normalization that caps
+      the gain of the weaker directions: with ``m C_in = C_out`` and circular padding the block is an
+      isometry (gradient-norm preserving, as the orthogonal convs of Li et al. 2019 and Trockman &
+      Kolter 2021 are).
 
     ``padding`` defaults to ``dilation (k - 1) // 2``. An ``nn.Module`` subclass of
     :class:`~sepconv.layers.DepthwiseSeparableConv2d` (children ``dw``, ``mid_norm``, ``mid_act``, ``pw``),
@@ -163,7 +192,7 @@ class LipschitzSeparableConv2d(DepthwiseSeparableConv2d):
                  iters: int = BJORCK_ITERATIONS):
         name = type(self).__name__
         _choice(name, "norm", norm, NORMS)
-        pointwise = pointwise or ("normalized" if norm == "product" else "none")
+        pointwise = pointwise or {"product": "normalized", "composite": "none", "orthogonal": "bjorck"}[norm]
         _choice(name, "pointwise", pointwise, POINTWISE_KINDS if norm == "composite" else POINTWISE_KINDS[:2])
         _choice(name, "method", method, composite_methods())
         padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
@@ -172,7 +201,10 @@ class LipschitzSeparableConv2d(DepthwiseSeparableConv2d):
         self.norm, self.pointwise_kind = norm, pointwise
         spec = ConvSpec.of(self.dw, in_size)
         self.in_size = spec.in_size
-        _register(self.dw, _DepthwiseNorm(spec, 1.0, "scale"))
+        if norm == "orthogonal":
+            _register(self.dw, ParaunitaryDepthwise(depth_multiplier, self.dw.kernel_size))
+        else:
+            _register(self.dw, _DepthwiseNorm(spec, 1.0, "scale"))
         _matrix(self.pw, pointwise, iters)
         if norm == "composite":
             _register(self.pw, CompositeNorm(self.dw, spec, 1.0, "scale", method))

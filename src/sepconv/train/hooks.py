@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..layers import orthonormal_penalty
 from ..normalize import frozen_state, spectral_normalize
-from ..spectral import ConvSpec, certified_radii, fantastic_four
+from ..spectral import ConvSpec, certified_radii, fantastic_four, lipschitz_bound
 from ..spectral.network import layer_inputs
 from .config import TrainConfig
 from .device import _to_device
@@ -68,8 +68,20 @@ def default_hooks(cfg: TrainConfig, input_shape: tuple[int, int, int] | None = N
     if cfg.certify:
         if test_set is None:
             raise ConfigError("default_hooks: certify needs the test set")
+        hooks.prepare.append(_certifiable(tuple(input_shape)))
         hooks.epoch_end.append(_certify_hook(cfg, test_set, device))
     return hooks
+
+
+def _certifiable(input_shape: tuple[int, int, int]) -> Callable[[nn.Module], nn.Module]:
+    """A ``prepare`` hook for ``certify``: the network's Lipschitz bound once before training, so that a
+    model without one (a layer with no Lipschitz rule, a product of two activations: no global
+    constant) is refused at once with :func:`~sepconv.spectral.lipschitz_bound`'s one-line error naming
+    the layer, not after the first epoch."""
+    def prepare(model: nn.Module) -> nn.Module:
+        lipschitz_bound(model, input_shape, method="fft")
+        return model
+    return prepare
 
 
 def _sn_prepare(cfg: TrainConfig, input_shape: tuple[int, int, int]) -> Callable[[nn.Module], nn.Module]:
