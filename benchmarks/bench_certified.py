@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,8 @@ class PixelMargin:
 #: lr 3e-3 and the margin cross-entropy aimed at a pixel radius of 0.5 (orthogonium's target; logit
 #: scale 1 on normalized digits, std 0.324, is about their temperature 0.25 on [0, 1] pixels), or HKR with
 #: the same margin. lip_sep_cnn's default is orthogonal, GroupSort, depth multiplier 4; the other rows
-#: change one thing each (the normalizations of Runkel et al., the minimal multiplier, MaxMin, ReLU).
+#: change one thing each (the normalizations of Runkel et al., the minimal multiplier, MaxMin, ReLU, a
+#: BatchNorm whose slopes are clipped to 1, the loss).
 #: lip_sep_mobilenet is not a row: its train step is ~6x lip_sep_cnn's (334 vs 66 ms in a --quick run), ~30 min
 #: per seed at this budget.
 _LIP = dict(optimizer="adamw", lr=3e-3, loss="margin_ce", margin=PixelMargin(0.5), logit_scale=1.0)
@@ -122,6 +124,8 @@ OURS: list[tuple[str, dict]] = [
      dict(model="lip_sep_cnn", conv="dsc", model_kwargs=dict(norm="product"), **_LIP)),
     ("sepconv lip_sep_cnn composite normalization",
      dict(model="lip_sep_cnn", conv="dsc", model_kwargs=dict(norm="composite"), **_LIP)),
+    ("sepconv lip_sep_cnn + bounded BatchNorm",
+     dict(model="lip_sep_cnn", conv="dsc", model_kwargs=dict(bn="bounded"), **_LIP)),
     ("sepconv lip_sep_cnn, HKR",
      dict(model="lip_sep_cnn", conv="dsc", **{**_LIP, "loss": "hkr", "logit_scale": 1.0})),
     *FF_ROWS,
@@ -790,7 +794,7 @@ def _ours_step(cfg, data: Data, x: Tensor, y: Tensor) -> tuple[Callable[[], None
 
     torch.manual_seed(0)
     hooks = default_hooks(cfg, data.shape)
-    model = build_model(cfg, data.train.num_classes, data.train.in_chans, hooks)
+    model = build_model(cfg, data.train.num_classes, data.train.in_chans, hooks, image_size=data.shape[1:])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -997,7 +1001,46 @@ def run(quick: bool = False, epochs: int | None = None, seeds: Sequence[int] | N
     return render(rows, facts)
 
 
+_LOG_LINE = re.compile(r"\[certified\] seed (\d+) (.*?): clean ([\d.]+)%, certified ([\d.]+) / ([\d.]+) / ([\d.]+) / "
+                       r"([\d.]+) %")
+
+
+def goal_over_logs(paths: Sequence[str], anchor_label: str = "orthogonium AOC, CE with eps target") -> str:
+    """The goal's paired comparison over every seed found in the stderr logs of several runs (the per-seed
+    lines ``measure`` prints; a seed seen twice counts once): how a run with more seeds for the deciding
+    rows is joined to the full run. One line per row against ``anchor_label``."""
+    rows: dict[str, RowResult] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            m = _LOG_LINE.match(line)
+            if not m:
+                continue
+            seed, label = int(m.group(1)), m.group(2)
+            r = rows.setdefault(label, RowResult(label, "anchor" if label == anchor_label else "ours"))
+            if seed not in r.seeds:
+                r.seeds.append(seed)
+                r.clean.append(float(m.group(3)) / 100)
+                for e, g in zip(EPS, range(4, 8)):
+                    r.cert.setdefault(e, []).append(float(m.group(g)) / 100)
+    anchor = rows.pop(anchor_label)
+    out = []
+    for r in rows.values():
+        pair = _seed_pairs(r, anchor)
+        parts = []
+        for e in EPS:
+            d = paired_differences([r.cert[e][i] for i, _ in pair], [anchor.cert[e][j] for _, j in pair])
+            wins = sum(r.cert[e][i] >= anchor.cert[e][j] for i, j in pair)
+            iv = f"95% interval {100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}; " if d.ci else ""
+            parts.append(f"eps {e:g}: {100 * d.mean:+.2f} pp ({iv}at or above in {wins} of {len(pair)} seeds)")
+        out.append(f"**{r.label}** minus **{anchor.label}**, certified accuracy paired over seeds "
+                   f"{', '.join(map(str, sorted(r.seeds)))}: " + "; ".join(parts) + ".")
+    return "\n\n".join(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--combine"]:
+        print(goal_over_logs(sys.argv[2:]))
+        raise SystemExit(0)
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_certified")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--epochs", type=int)

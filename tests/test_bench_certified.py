@@ -283,3 +283,15 @@ def test_deel_torchlip_recipe_runs_and_its_bound_checks():
 def test_orthogonium_recipe_runs_and_its_bound_checks():
     pytest.importorskip("orthogonium")
     _short_run("orthogonium AOC, CE with eps target")
+
+
+def test_goal_over_logs_joins_the_seeds_of_several_runs(tmp_path):
+    line = "[certified] seed {s} {label}: clean 98.0%, certified {a} / 95.0 / 90.0 / 70.0 % (train 1 s, certify 0 s)\n"
+    anchor = "orthogonium AOC, CE with eps target"
+    (tmp_path / "a.err").write_text("".join(line.format(s=s, label=lab, a=a) for s, lab, a in [
+        (0, anchor, "97.0"), (0, "ours", "97.5"), (1, anchor, "97.0"), (1, "ours", "98.0")]) + "noise\n")
+    (tmp_path / "b.err").write_text("".join(line.format(s=s, label=lab, a=a) for s, lab, a in [
+        (1, anchor, "50.0"), (2, anchor, "97.0"), (2, "ours", "98.5")]))  # seed 1 again: the first one counts
+    text = bc.goal_over_logs([tmp_path / "a.err", tmp_path / "b.err"], anchor)
+    assert "paired over seeds 0, 1, 2" in text and "eps 0.1: +1.00 pp (95% interval" in text, text
+    assert "at or above in 3 of 3 seeds" in text and "eps 0.25: +0.00 pp" in text

@@ -100,3 +100,16 @@ def test_certify_refuses_a_negative_or_nan_radius_in_one_line(tmp_path, capsys, 
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--certify" in err and "Traceback" not in err, err
+
+
+def test_a_lipschitz_model_is_built_at_the_data_size_and_trains_with_a_margin_loss(tmp_path):
+    """``lip_sep_cnn`` takes the data's image size (its norms and its flattened head depend on it): digits at
+    16x16 trains without ``--model-arg image_size=16``, and its certificate holds (bound <= 1)."""
+    cfg = TrainConfig(model="lip_sep_cnn", data="digits", image_size=16, train_images=64, batch_size=16, epochs=1,
+                      optimizer="adamw", lr=3e-3, loss="margin_ce", margin=2.0, certify=(0.1,), out=str(tmp_path))
+    res = train(cfg, progress=False, log=False)
+    assert res.model.features[0].weight.shape[0] == 16  # the orthogonal first layer: 1 -> 16, no pointwise part
+    h = res.history[-1]
+    assert 0.5 < h["lipschitz_bound"] <= 1 + 1e-6 and 0 <= h["cert_acc@0.1"] <= 1
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert list(saved["kwargs"]["image_size"]) == [16, 16], saved

@@ -4,13 +4,15 @@ data (input channels, classes) and the memory budget before any training.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SepconvError
 from ..guard import check_finite, check_memory, format_bytes, forward_memory, meta_forward, model_bytes
 from ..io import load_model
-from ..models import create_model
+from ..models import create_model, model_info
 from .config import TrainConfig
 from .hooks import Hooks
 
@@ -18,8 +20,12 @@ __all__ = ["build_model"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks,
-                trust_code: bool = False) -> nn.Module:
+                trust_code: bool = False, image_size: tuple[int, int] | None = None) -> nn.Module:
     """The model a run trains: a saved model (``init``) or a registry model, then ``prepare`` hooks.
+
+    ``image_size``: the data's ``(H, W)``, given to a registry model whose builder takes an
+    ``image_size`` (the Lipschitz family: its norms are computed at that size and its flattened
+    head reads that map) unless ``model_kwargs`` sets one -- so ``--data mnist`` builds a 28x28 model.
 
     ``trust_code``: let ``init``'s ``config.json`` name a factory to import and run (refused by
     default; see :func:`sepconv.io.build_from_config`). ``model_kwargs`` may not set what the run
@@ -43,11 +49,22 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, hooks: Hooks,
                 if not (type(kwargs[key]) in (int, float, str) and kwargs[key] == value):
                     raise ConfigError(f"--model-arg {key}={kwargs[key]!r:.40} clashes with {what}")
                 del kwargs[key]  # the same value twice: harmless
+        if image_size is not None and "image_size" not in kwargs and _takes(cfg.model, "image_size"):
+            kwargs["image_size"] = tuple(image_size)
         model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, conv=cfg.conv,
                              width=cfg.width, **kwargs)
     for prep in hooks.prepare:
         model = prep(model)
     return model
+
+
+def _takes(name: str, arg: str) -> bool:
+    """Whether the registry model ``name``'s builder has a parameter ``arg`` (False for an unknown name:
+    ``create_model`` then says what is wrong)."""
+    try:
+        return arg in inspect.signature(model_info(name).fn).parameters
+    except SepconvError:
+        return False
 
 
 def _model_io(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int | None, int | None]:

@@ -181,7 +181,8 @@ class _Run:
         ``device``, and give it an optimizer and a per-step schedule."""
         input_shape = (train_set.in_chans, *train_set.image_size)
         _seed_everything(cfg.seed)
-        model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks, trust_code=trust_code)
+        model = build_model(cfg, train_set.num_classes, train_set.in_chans, hooks, trust_code=trust_code,
+                            image_size=tuple(train_set.image_size))
         _check_fits_data(model, cfg, train_set.num_classes, input_shape)
         eval_batch = min(cfg.eval_batch_size, max(1, -(-len(test_set) // d.world)))
         _check_step_memory(model, cfg, input_shape, batches.local_batch, eval_batch)
