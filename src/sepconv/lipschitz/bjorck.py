@@ -54,10 +54,10 @@ def bjorck_orthonormalize(mat: Tensor, iters: int = BJORCK_ITERATIONS) -> Tensor
     gram = a0 @ a0.mT
     norm2 = _row_sum_norm(gram).clamp_min(torch.finfo(mat.dtype).tiny)
     a0, y = a0 / norm2.sqrt(), gram / norm2
-    eye = torch.eye(n, dtype=mat.dtype, device=mat.device).expand_as(gram) * 1.5
     z = torch.eye(n, dtype=mat.dtype, device=mat.device).expand_as(gram)
-    for _ in range(iters):  # Y T and T Z in one batched product
-        t = torch.baddbmm(eye, z, y, alpha=-0.5)
+    half3 = 1.5 * z
+    for _ in range(iters):  # T = 1.5 I - 0.5 Z Y; then Y T and T Z in one batched product
+        t = torch.baddbmm(half3, z, y, alpha=-0.5)
         y, z = (torch.stack([y, t]) @ torch.stack([t, z])).unbind(0)
     a = z @ a0
     a = a / _row_sum_norm(a @ a.mT).clamp_min(1.0).sqrt()
