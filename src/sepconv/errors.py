@@ -21,6 +21,8 @@ __all__ = [
     "CheckpointError",
     "ResourceError",
     "OutputError",
+    "MissingDependencyError",
+    "ExportError",
     "one_line",
 ]
 
@@ -78,3 +80,11 @@ class OutputError(SepconvError, OSError):
 
     def __str__(self) -> str:  # OSError would format (errno, strerror)
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(SepconvError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class ExportError(SepconvError, ValueError):
+    """A model cannot be exported, or its exported file does not compute what the model computes."""

@@ -33,6 +33,7 @@ from torch import nn
 from . import __version__
 from . import decompose as _decompose  # noqa: F401  (registers the "convert" recipe op)
 from . import normalize as _normalize  # noqa: F401  (registers the "spectral_normalize" recipe op)
+from .deploy.export import export_onnx
 from .errors import ModelError, OutputError, SepconvError, WeightsError, one_line
 from .files import (  # re-exported: these lived here before sepconv.files
     TMP_PATTERN,
@@ -47,9 +48,9 @@ from .models import create_model
 from .recipes import record_recipe, register_recipe, replay
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MAX_CONFIG_BYTES", "TMP_PATTERN", "WEIGHTS_NAME", "atomic_path",
-           "atomic_torch_save", "atomic_write_text", "build_from_config", "check_config", "import_factory",
-           "load_model", "load_state_dict", "load_weights_into", "model_from_spec", "read_config", "read_head",
-           "record_recipe", "register_recipe", "remove_stale_temporaries", "save_model"]
+           "atomic_torch_save", "atomic_write_text", "build_from_config", "check_config", "export_onnx",
+           "import_factory", "load_model", "load_state_dict", "load_weights_into", "model_from_spec", "read_config",
+           "read_head", "record_recipe", "register_recipe", "remove_stale_temporaries", "save_model"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -28,6 +28,7 @@ block's projection.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -163,6 +164,25 @@ def _make_act(spec: ModuleSpec) -> nn.Module:
     return spec if isinstance(spec, nn.Module) else spec()
 
 
+class ChannelRepeat(nn.Module):
+    """``m`` copies of the input stacked along channels: ``(N, C, H, W) -> (N, m C, H, W)``."""
+
+    def __init__(self, copies: int) -> None:
+        super().__init__()
+        self.copies = copies
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x] * self.copies, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"copies={self.copies}"
+
+
+#: activations that act on each value alone (they commute with a permutation of channels)
+_STATELESS_ACTS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardtanh, nn.SiLU, nn.GELU, nn.ELU,
+                   nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+
+
 class _SeparableBlock(nn.Module):
     """Shared plumbing: children run in registration order; ``nn.Conv2d``-like attributes."""
 
@@ -173,6 +193,12 @@ class _SeparableBlock(nn.Module):
         for m in self.children():
             x = m(x)
         return x
+
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+        """The block's children without the ``nn.Identity`` ones (an absent or folded norm, no
+        activation), as an ``nn.Sequential``: the same map with fewer Python calls, which at batch 1
+        cost as much as a small conv (:func:`sepconv.deploy.deployable` uses it)."""
+        return nn.Sequential(*(m for m in self.children() if not isinstance(m, nn.Identity)))
 
     @property
     def in_channels(self) -> int:
@@ -255,6 +281,30 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
     @property
     def depth_multiplier(self) -> int:
         return self.dw.out_channels // self.dw.in_channels
+
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+        """The block without its identity children; with a depth multiplier ``m > 1`` (and nothing
+        but a stateless activation between the convs) the depthwise conv reads ``m`` copies of its
+        input as one multiplier-1 depthwise conv on ``m C`` channels, its filters and the pointwise
+        conv's columns permuted to match: the same map, in the form runtimes have fast kernels for
+        (measured in BENCHMARKS.md, deployment speed: a multiplier-m depthwise conv runs a generic
+        grouped-conv path)."""
+        m, dw = self.depth_multiplier, self.dw
+        if m == 1 or not isinstance(self.mid_norm, nn.Identity) or not isinstance(self.mid_act, _STATELESS_ACTS):
+            return super().deploy_form(in_shape)
+        c = dw.in_channels
+        perm = torch.arange(c * m, device=dw.weight.device).view(c, m).t().reshape(-1)  # new j*C + c <- old c*m + j
+        new = nn.Conv2d(c * m, c * m, dw.kernel_size, dw.stride, dw.padding, dw.dilation, groups=c * m,
+                        bias=dw.bias is not None, padding_mode=dw.padding_mode, device=dw.weight.device,
+                        dtype=dw.weight.dtype)
+        pw = copy.deepcopy(self.pw)
+        with torch.no_grad():
+            new.weight.copy_(dw.weight[perm])
+            if dw.bias is not None:
+                new.bias.copy_(dw.bias[perm])
+            pw.weight.copy_(self.pw.weight[:, perm])
+        parts = [ChannelRepeat(m), new, self.mid_act, pw]
+        return nn.Sequential(*(p for p in parts if not isinstance(p, nn.Identity)))
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, k, k)`` kernel of the regular conv computing the same map (exact;

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import SepconvError
 from ..guard import os_reason
-from . import convert, demo, models, spectrum, train
+from . import convert, demo, export, latency, models, spectrum, train
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -41,6 +41,8 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (models.add, models.run),
     (spectrum.add, spectrum.run),
     (convert.add, convert.run),
+    (export.add, export.run),
+    (latency.add, latency.run),
 ]
 
 

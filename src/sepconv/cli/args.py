@@ -1,5 +1,6 @@
-"""Argument types of the ``sepconv`` command: each parses one string or raises
-:class:`argparse.ArgumentTypeError` (a one-line usage error, exit status 2)."""
+"""Argument types of the ``sepconv`` command (each parses one string or raises
+:class:`argparse.ArgumentTypeError`, a one-line usage error, exit status 2) and the arguments and
+helpers several commands share."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import json
 import math
 from collections.abc import Callable
 
-__all__ = ["add_trust_code", "energy_arg", "model_arg", "nonneg_float", "number", "positive_float", "positive_int",
-           "rank_arg", "speedup_arg", "unit_float"]
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import default_input_shape
+
+__all__ = ["add_threads", "add_trust_code", "energy_arg", "input_shape", "model_arg", "nonneg_float", "number",
+           "positive_float", "positive_int", "rank_arg", "speedup_arg", "unit_float"]
 
 
 def number(cast: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
@@ -58,3 +64,25 @@ def add_trust_code(parser, source: str = "a model directory's") -> None:
     parser.add_argument("--trust-code", action="store_true",
                         help=f"let {source} config.json name a factory to import and run "
                              "(refused by default: a directory is data from elsewhere)")
+
+
+def input_shape(model, args) -> tuple[int, int, int]:
+    """``(C, H, W)``: C from the first layer, H and W from ``--input-size`` or the model's registered
+    size; a model with neither is asked for ``--input-size`` (never a guessed size)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if first is None:
+        raise ConfigError(f"{args.model}: the model has no Conv2d or Linear layer")
+    channels = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+    if args.input_size:
+        return (channels, *args.input_size)
+    default = default_input_shape(model)
+    if default is None:
+        raise ConfigError(f"{args.model}: the model has no registered input size; pass --input-size H W")
+    return (channels, *default[1:])
+
+
+def add_threads(parser, default: int | None = None) -> None:
+    """``--threads N``: torch's intra-op threads for the command (one is often fastest on a shared machine)."""
+    parser.add_argument("--threads", type=positive_int, default=default, metavar="N",
+                        help="torch threads (default: torch's own choice)" if default is None
+                        else f"torch threads (default {default})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 from torch import nn
@@ -10,9 +11,11 @@ from torch import nn
 from ..data import list_datasets, load_dataset
 from ..decompose import METHODS as CONVERT_METHODS
 from ..decompose import convert, target_names
+from ..deploy import RUNTIMES, measure, runner, torch_threads
 from ..errors import ConfigError
 from ..guard import writable_dir
 from ..io import atomic_write_text, model_from_spec, save_model
+from ..models import default_input_shape, profile
 from .args import add_trust_code, energy_arg, positive_int, rank_arg, speedup_arg
 
 
@@ -50,6 +53,9 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (to match --weights)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default runs/convert-TO); the model goes to OUT/model")
+    p.add_argument("--latency", nargs="*", choices=list(RUNTIMES), metavar="RUNTIME",
+                   help="also measure batch-1, one-thread latency before and after in these runtimes (default "
+                        "with no RUNTIME: torch-cl, and onnxruntime where installed); costs seconds to minutes")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_trust_code(p)
@@ -82,12 +88,35 @@ def run(args) -> int:
                        num_samples=args.samples, max_patches=args.max_patches, p=args.p,
                        progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
     doc = {"model": args.model, "data": args.data, **rep.to_dict()}
+    if args.latency is not None:
+        shape = (data.in_chans, *data.image_size) if data is not None else input_size or default_input_shape(model)
+        if shape is None:
+            raise ConfigError(f"{args.model}: --latency needs the input size: pass --input-size H W")
+        doc["latency"] = _latency(model, new, tuple(shape), args.latency)
     save_model(new, out / "model")
     atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(rep.table())
+        for r in doc.get("latency", []):
+            print(f"latency {r['runtime']} (batch 1, 1 thread, median of {r['calls']}): {r['before_ms']:.3f} -> "
+                  f"{r['after_ms']:.3f} ms ({r['ratio']:.3f}x; FLOPs {r['flop_ratio']:.3f}x)")
         print(f"model saved to {out / 'model'} (fine-tune: sepconv train --init {out / 'model'}); "
               f"report: {out / 'report.json'}")
     return 0
+
+
+def _latency(before: nn.Module, after: nn.Module, shape: tuple[int, ...], runtimes: list[str]) -> list[dict]:
+    """Batch-1, one-thread latency of the model before and after, each runtime's pair interleaved."""
+    if not runtimes:
+        runtimes = ["torch-cl"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])
+    flops = profile(before, shape).flops, profile(after, shape).flops
+    rows = []
+    with torch_threads(1):
+        for r in runtimes:
+            lat = measure({"before": runner(before, shape, r), "after": runner(after, shape, r)})
+            rows.append(dict(runtime=r, calls=lat["after"].n, before_ms=lat["before"].median,
+                             after_ms=lat["after"].median, ratio=lat["after"].median / lat["before"].median,
+                             flop_ratio=flops[1] / max(flops[0], 1)))
+    return rows

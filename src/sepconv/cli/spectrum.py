@@ -12,10 +12,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..guard import writable_file
 from ..io import model_from_spec
-from ..models import default_input_shape
 from ..plots import spectrum_plot
 from ..spectral import analyze, lipschitz_bound, method_names
-from .args import add_trust_code, positive_float, positive_int
+from .args import add_trust_code, input_shape, positive_float, positive_int
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -40,21 +39,6 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="write a PNG: per-layer norms by method and one layer's spectrum")
     add_trust_code(p)
     return p
-
-
-def input_shape(model, args) -> tuple[int, int, int]:
-    """``(C, H, W)``: C from the first layer, H and W from ``--input-size`` or the model's registered
-    size; a model with neither is asked for ``--input-size`` (never a guessed size)."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-    if first is None:
-        raise ConfigError(f"{args.model}: the model has no Conv2d or Linear layer")
-    channels = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
-    if args.input_size:
-        return (channels, *args.input_size)
-    default = default_input_shape(model)
-    if default is None:
-        raise ConfigError(f"{args.model}: the model has no registered input size; pass --input-size H W")
-    return (channels, *default[1:])
 
 
 def run(args) -> int:

@@ -1,0 +1,225 @@
+"""Deployment speed: do converted and separable networks run faster where users run them?
+
+Regular networks against their conversions (``sepconv.decompose.convert``: dsc and bsconv_u, rank
+1 and an energy-chosen rank) and the zoo's separable flavour, each in its deployable form
+(``sepconv.deploy.deployable``: eval, BatchNorm folded), timed in PyTorch eager (NCHW and
+channels_last) and in ONNX Runtime (the verified ``export_onnx`` file, CPU provider, all graph
+optimizations), at 1 and 2 threads, batch 1 and a large batch. Every figure is the median of
+interleaved calls (all variants of a model, one call each per round). Weights are the models'
+initial ones: latency depends on shapes, not values; the energy-chosen ranks are those of the
+initial weights (stated per row).
+
+The goal (issue 16): in ONNX Runtime on 1 thread every separable variant's latency ratio is at
+most 1.25x its FLOP ratio, at batch 1 and at the large batch; in PyTorch eager (the better of
+NCHW and channels_last) no separable variant is slower than the regular network. The second
+table says where the time goes: ONNX Runtime's own per-node profile, depthwise convs against the
+other convs, in time and in FLOPs.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sepconv.decompose import convert
+from sepconv.deploy import deployable, export_onnx, measure, torch_threads
+from sepconv.deploy.export import onnx_session
+from sepconv.models import create_model, profile
+
+from ._util import md_table
+
+TITLE = "Deployment speed: regular vs converted and separable networks in PyTorch and ONNX Runtime"
+
+ENERGY = 0.5  # the energy-chosen rank's target (per layer, mean retained spectral energy)
+# (model, input (C, H, W), large batch, variants); variants: (label, conv flavour or convert arguments)
+GROUPS = [
+    ("resnet20", (3, 32, 32), 64, [
+        ("regular", None), ("dsc rank 1", dict(to="dsc", rank=1)),
+        (f"dsc energy {ENERGY}", dict(to="dsc", energy=ENERGY)),
+        ("bsconv_u rank 1", dict(to="bsconv_u", rank=1)),
+        (f"bsconv_u energy {ENERGY}", dict(to="bsconv_u", energy=ENERGY)), ("zoo conv=dsc", "dsc")]),
+    ("resnet50", (3, 224, 224), 16, [
+        ("regular", None), ("dsc rank 1", dict(to="dsc", rank=1)),
+        (f"dsc energy {ENERGY}", dict(to="dsc", energy=ENERGY)),
+        ("bsconv_u rank 1", dict(to="bsconv_u", rank=1)), ("zoo conv=dsc", "dsc")]),
+    ("mobilenet_v2", (3, 224, 224), 16, [
+        ("published (separable)", None), ("stem converted, dsc rank 1", dict(to="dsc", rank=1))]),
+]
+THREADS = (1, 2)
+EAGER = ("torch", "torch-cl")
+COMPILE = ("resnet20",)  # torch.compile measured too (1 thread): compiling each ImageNet variant takes minutes
+
+
+def _variants(name: str, shape, variants, quick: bool) -> dict[str, torch.nn.Module]:
+    classes = 1000 if shape[1] >= 224 else 10
+    base = create_model(name, num_classes=classes)
+    out = {}
+    for label, how in variants:
+        if how is None:
+            out[label] = base
+        elif isinstance(how, str):
+            out[label] = create_model(name, num_classes=classes, conv=how)
+        else:
+            out[label] = convert(base, input_size=shape, progress=False, **how)[0]
+    return out
+
+
+def _eager_fn(net, x, channels_last: bool):
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.inference_mode():
+            net(x)
+    return call
+
+
+def _compiled_fn(net, x):
+    fn = torch.compile(copy.deepcopy(net))
+
+    def call():
+        with torch.inference_mode():
+            fn(x)
+    call()  # compiles
+    return call
+
+
+def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float]]:
+    """ONNX Runtime's per-node profile on 1 thread: {"depthwise"|"other conv"|"rest": [us per run, FLOPs]}."""
+    ort = __import__("onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.enable_profiling = 1, 1, True
+    so.profile_file_prefix = str(path.with_suffix(""))
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: x.numpy()}
+    for _ in range(runs):
+        s.run(None, feed)
+    events = json.loads(Path(s.end_profiling()).read_text())
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        a = e["args"]
+        kind = "rest"
+        if a.get("op_name") == "Conv":
+            shapes = [next(iter(d.values())) for d in a.get("input_type_shape", [])]
+            out = [next(iter(d.values())) for d in a.get("output_type_shape", [])]
+            w = shapes[1] if len(shapes) > 1 else None
+            kind = "depthwise conv" if w is not None and w[1] == 1 and len(w) == 4 and w[2] * w[3] > 1 else "other conv"
+            if w is not None and out:
+                o = out[0]  # NCHWc outputs: channels blocked; FLOPs from the weight and output spatial size
+                flops = 2 * w[0] * w[1] * w[2] * w[3] * o[0] * o[-2] * o[-1] if len(o) == 4 else 0
+                if len(o) == 5:
+                    flops = 2 * w[0] * w[1] * w[2] * w[3] * o[0] * o[2] * o[3]
+                agg[kind][1] += flops / runs
+        agg[kind][0] += e["dur"] / runs
+    return dict(agg)
+
+
+def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], list[list[str]], list[dict]]:
+    nets = {k: deployable(m, shape) for k, m in _variants(name, shape, variants, quick).items()}
+    prof = {k: profile(m, shape) for k, m in nets.items()}
+    base = next(iter(nets))
+    rows, where, results = [], [], []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_deploy."))
+    paths = {}
+    for i, (k, net) in enumerate(nets.items()):
+        paths[k] = tmp / f"{i}.onnx"
+        export_onnx(net, paths[k], shape)
+    batches = (1, 2) if quick else (1, big)
+    repeats = 3 if quick else (30 if shape[1] < 100 else 10)
+    for threads in (1,) if quick else THREADS:
+        for batch in batches:
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            fns = {}
+            with torch_threads(threads):
+                for k, net in nets.items():
+                    fns[(k, "torch")] = _eager_fn(net, x, False)
+                    fns[(k, "torch-cl")] = _eager_fn(net, x, True)
+                    sess = onnx_session(paths[k], threads)
+                    feed = {sess.get_inputs()[0].name: x.numpy()}
+                    fns[(k, "onnxruntime")] = (lambda s=sess, f=feed: s.run(None, f))
+                    if name in COMPILE and threads == 1 and not quick:
+                        fns[(k, "torch-compile")] = _compiled_fn(net, x)
+                lat = measure(fns, repeats=repeats, warmup=2, max_seconds=60 if not quick else 5)
+            for k in nets:
+                eager = min(lat[(k, r)].median for r in EAGER)
+                eager_base = min(lat[(base, r)].median for r in EAGER)
+                ort, ort_base = lat[(k, "onnxruntime")].median, lat[(base, "onnxruntime")].median
+                fr = prof[k].flops / prof[base].flops
+                res = dict(model=name, variant=k, batch=batch, threads=threads, flop_ratio=fr,
+                           eager_ratio=eager / eager_base, ort_ratio=ort / ort_base)
+                results.append(res)
+                goal = ""
+                if k != base and threads == 1:
+                    goal = ("met" if res["ort_ratio"] <= 1.25 * fr else "**not met**") + " / " + (
+                        "met" if res["eager_ratio"] <= 1.0 else "**not met**")
+                rows.append([name, k, batch, threads, f"{prof[k].params / 1e6:.2f}", f"{prof[k].flops / 1e6:,.1f}",
+                             f"{fr:.3f}", *(str(lat[(k, r)]) if (k, r) in lat else "-"
+                                            for r in ("torch", "torch-cl", "torch-compile", "onnxruntime")),
+                             f"{res['eager_ratio']:.2f}", f"{res['ort_ratio']:.3f}",
+                             f"{res['ort_ratio'] / fr:.2f}" if k != base else "", goal])
+    for k in (base, *[v for v in nets if v.startswith("dsc rank 1") or v.startswith("stem")][:1]):
+        for batch in batches:
+            x = torch.randn(batch, *shape)
+            agg = _profile_ort(paths[k], x, 3 if quick else 20)
+            total = sum(v[0] for v in agg.values())
+            ftotal = sum(v[1] for v in agg.values()) or 1
+            for kind in ("depthwise conv", "other conv", "rest"):
+                t, f = agg.get(kind, [0.0, 0.0])
+                where.append([name, k, batch, kind, f"{t / 1e3:.3f}", f"{100 * t / total:.0f} %",
+                              f"{100 * f / ftotal:.0f} %", f"{f / t / 1e3:.1f}" if t and f else ""])
+    return rows, where, results
+
+
+def run(quick: bool) -> str:
+    groups = [(n, (s[0], 16, 16) if quick else s, b, v[:3] if quick else v) for n, s, b, v in GROUPS]
+    rows, where, results, notes = [], [], [], []
+    for name, shape, big, variants in groups:
+        r, w, res = _group(name, shape, big, variants, quick, notes)
+        rows += r
+        where += w
+        results += res
+    sep = [r for r in results if r["threads"] == 1 and r["variant"] not in ("regular", "published (separable)")]
+    ort_met = [r for r in sep if r["ort_ratio"] <= 1.25 * r["flop_ratio"]]
+    eager_met = [r for r in sep if r["eager_ratio"] <= 1.0]
+    worst = max(sep, key=lambda r: r["ort_ratio"] / r["flop_ratio"])
+    worst_eager = max(sep, key=lambda r: r["eager_ratio"])
+    head = ["model", "variant", "batch", "threads", "params (M)", "MFLOPs", "FLOP ratio", "torch ms",
+            "torch-cl ms", "torch.compile ms", "onnxruntime ms", "eager ratio (best layout)", "ORT ratio",
+            "ORT ratio / FLOP ratio", "goal: ORT / eager"]
+    text = [
+        "Median latency (quartiles) of one forward pass of the deployable model (eval, BatchNorm folded). "
+        "Ratios are against the first row of the same model, batch and threads: eager ratio = the better of "
+        "torch and torch-cl against the regular network's better one; ORT ratio = ONNX Runtime latency ratio. "
+        f"The energy-chosen rank keeps {ENERGY} of each layer's spectral energy of the initial weights. "
+        "MobileNetV2 has no regular-conv flavour (the zoo's regular and dsc flavours are both the published, "
+        "separable network): its rows show a depthwise-heavy network and the conversion of its stem. "
+        "torch.compile (inductor, compile time excluded) is measured for ResNet-20 at 1 thread only, as one more "
+        "column: it does not enter the eager ratio.",
+        "",
+        md_table(head, rows),
+        "",
+        f"**Goal, ONNX Runtime (1 thread, latency ratio <= 1.25x FLOP ratio):** met by {len(ort_met)} of "
+        f"{len(sep)} separable rows; the farthest: {worst['model']} {worst['variant']} at batch {worst['batch']}, "
+        f"{worst['ort_ratio']:.3f} against FLOP ratio {worst['flop_ratio']:.3f} "
+        f"({worst['ort_ratio'] / worst['flop_ratio']:.2f}x).",
+        f"**Goal, PyTorch eager (never slower than regular, best layout, 1 thread):** met by {len(eager_met)} of "
+        f"{len(sep)}; the slowest: {worst_eager['model']} {worst_eager['variant']} at batch {worst_eager['batch']}, "
+        f"{worst_eager['eager_ratio']:.2f}x.",
+        "",
+        "### Where the time goes (ONNX Runtime, 1 thread, per-node profile)",
+        "",
+        "Time and FLOPs by node kind in the optimized graph; GFLOP/s is what each kind achieves. Depthwise "
+        "convs do little arithmetic per byte they move: where they take a larger share of the time than of "
+        "the FLOPs, memory traffic and per-node overhead, not arithmetic, set the latency.",
+        "",
+        md_table(["model", "variant", "batch", "node kind", "ms per run", "time share", "FLOP share", "GFLOP/s"],
+                 where),
+    ]
+    return "\n".join(text)
