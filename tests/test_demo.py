@@ -59,7 +59,9 @@ def test_quick_demo_writes_four_sections_json_and_plots(quick_demo):
     for key, title in (("runkel", "Runkel"), ("he", "He et al."), ("bsconv", "Haase"), ("fantastic4", "Singla")):
         sec = doc["sections"][key]
         assert title in sec["title"] and f"## {sec['title']}" in md
-        assert sec["claim"] and sec["held"] in (True, False, None) and sec["verdict"] in md
+        assert sec["claim"] and sec["verdict"] in md
+        assert sec["held"] is None and sec["verdict"].startswith("**Not a test (quick mode).**")  # tiny budgets
+        assert sec["quick_outcome"] in (True, False, None)
         assert sec.get("plots") or key == "bsconv"
         for plot in sec.get("plots", []):
             assert (out / plot).is_file() and (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,6 +107,13 @@ def test_report_refuses_literal_numbers_and_readme_block_is_rewritten_from_json(
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert re.search(r"\*\*A section\*\* -- \*\*Held\.\*\* it held at 0\.9312", text)
+
+
+def test_a_quick_run_tests_no_claim():
+    for quick, word, held in ((True, "**Not a test (quick mode).**", None), (False, "**Did not hold.**", False)):
+        sec = Report("t", meta={"quick": quick}).section("s", "A section", claim="c", paper="p")
+        sec.verdict(False, "it missed by {gap}", gap=0.5)
+        assert sec.data["verdict"] == f"{word} it missed by 0.5" and sec.data["held"] is held
 
 
 def test_radius_grid_spans_the_certified_radii_of_every_model():

@@ -164,6 +164,15 @@ def test_deploy_forms_are_the_same_maps():
     x = torch.randn(2, 5, 11, 11)
     with torch.no_grad():
         assert _rel(dep(x), block(x)) <= 1e-6
+    # b blueprints: the grouped dw (b inputs per output) -> a multiplier-1 depthwise on b * out and a slice sum
+    bsu = _trained_like(BSConvU(5, 6, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", with_bn=True,
+                                blueprints=3))
+    dep = deployable(bsu, (5, 11, 11))
+    convs = [m for m in dep.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.groups for c in convs] == [1, 18] and convs[1].in_channels == 18 and convs[1].padding_mode == "reflect"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules())
+    with torch.no_grad():
+        assert _rel(dep(x), bsu(x)) <= 1e-6
 
 
 def _depthwise(model: nn.Module) -> int:

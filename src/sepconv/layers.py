@@ -178,6 +178,21 @@ class ChannelRepeat(nn.Module):
         return f"copies={self.copies}"
 
 
+class GroupSum(nn.Module):
+    """The sum of ``parts`` consecutive channel slices: ``(N, p C, H, W) -> (N, C, H, W)``,
+    ``y[:, c] = sum_j x[:, j C + c]``."""
+
+    def __init__(self, parts: int) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unflatten(1, (self.parts, -1)).sum(1)
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}"
+
+
 #: activations that act on each value alone (they commute with a permutation of channels)
 _STATELESS_ACTS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardtanh, nn.SiLU, nn.GELU, nn.ELU,
                    nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -348,6 +363,32 @@ class BSConvU(_SeparableBlock):
     @property
     def blueprints(self) -> int:
         return self.dw.in_channels // self.dw.out_channels
+
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+        """The block without its identity children; with ``b > 1`` blueprints (and no ``bn``, or one
+        folded away) the grouped ``dw`` (``b`` inputs per output) becomes a multiplier-1 depthwise
+        conv on the ``b C`` channels followed by the sum of its ``b`` channel slices
+        (:class:`GroupSum`), ``pw``'s rows permuted to match: the same map, with the depthwise kernel
+        runtimes optimize instead of their generic grouped-conv path (measured in BENCHMARKS.md,
+        deployment speed: 2.2-2.9x faster in ONNX Runtime on ResNet-20)."""
+        b, dw = self.blueprints, self.dw
+        if b == 1 or not isinstance(getattr(self, "bn", nn.Identity()), nn.Identity):
+            return super().deploy_form(in_shape)
+        o = dw.out_channels
+        perm = torch.arange(o * b, device=dw.weight.device).view(o, b).t().reshape(-1)  # new j*O + o <- old o*b + j
+        fk = dict(device=dw.weight.device, dtype=dw.weight.dtype)
+        new = nn.Conv2d(o * b, o * b, dw.kernel_size, dw.stride, dw.padding, dw.dilation, groups=o * b,
+                        bias=dw.bias is not None, padding_mode=dw.padding_mode, **fk)
+        pw = copy.deepcopy(self.pw)
+        with torch.no_grad():
+            new.weight.copy_(dw.weight.reshape(o * b, 1, *dw.kernel_size)[perm])
+            if dw.bias is not None:  # added once, on the first slice
+                new.bias.zero_()
+                new.bias[:o].copy_(dw.bias)
+            pw.weight.copy_(self.pw.weight[perm])
+            if pw.bias is not None:
+                pw.bias.copy_(self.pw.bias[perm])
+        return nn.Sequential(pw, new, GroupSum(b))
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, k, k)`` kernel ``F[n, m] = w[n, m] B[n]`` of the regular conv

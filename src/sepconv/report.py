@@ -74,6 +74,7 @@ class Section:
     data: dict = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
     plots: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    quick: bool = False  # a quick-mode run: its verdicts are "not a test"
 
     def fill(self, template: str, **values: Any) -> None:
         """A paragraph from ``template`` (``str.format`` fields) with ``values`` recorded in the
@@ -129,9 +130,15 @@ class Section:
         self.blocks.append(f"![{name}](plots/{fname})")
 
     def verdict(self, held: bool | None, because: str, **values: Any) -> None:
-        """Whether the paper's claim held in our measurement, and why (a template as in fill)."""
-        self.data["held"] = held
-        word = {True: "**Held.**", False: "**Did not hold.**", None: "**Inconclusive.**"}[held]
+        """Whether the paper's claim held in our measurement, and why (a template as in fill). In a
+        quick-mode run (tiny budgets) no claim is tested: the verdict reads "Not a test (quick mode)",
+        ``held`` is None and the rule's outcome on the quick numbers is kept as ``quick_outcome``."""
+        if self.quick:
+            self.data["held"], self.data["quick_outcome"] = None, held
+            word = "**Not a test (quick mode).**"
+        else:
+            self.data["held"] = held
+            word = {True: "**Held.**", False: "**Did not hold.**", None: "**Inconclusive.**"}[held]
         self.fill(word + " " + because, **values)
         self.data["verdict"] = self.blocks[-1]
 
@@ -145,7 +152,7 @@ class Report:
         self.run = Section("run", "", "", "")
 
     def section(self, key: str, title: str, claim: str, paper: str) -> Section:
-        s = Section(key, title, claim, paper)
+        s = Section(key, title, claim, paper, quick=bool(self.meta.get("quick", False)))
         self.sections.append(s)
         return s
 

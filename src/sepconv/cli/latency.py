@@ -20,7 +20,7 @@ def add(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="measure inference latency per runtime (torch, channels_last, ONNX Runtime)",
                        description="Time one forward pass of MODEL's deployable form (eval mode, BatchNorm folded, "
                                    "normalized weights baked) in each runtime, batch size and thread count: median "
-                                   "and quartiles over --repeats calls, the runtimes interleaved. Run it on an idle "
+                                   "and quartiles over --repeats calls, one runtime after the other. Run it on an idle "
                                    "machine: two threads beside another busy process are many times slower. "
                                    + "; ".join(f"{r.name}: {r.help}" for r in RUNTIMES.values()) + ".")
     p.add_argument("model", metavar="MODEL", help="registry name, saved model directory, or package.module:callable")
@@ -60,9 +60,11 @@ def run(args) -> int:
     rows = []
     for threads in args.threads:
         for batch in args.batch:
+            lat = {}
             with torch_threads(threads):
-                fns = {r: runner(model, shape, r, batch, threads) for r in runtimes}
-                lat = measure(fns, args.repeats, max_seconds=args.max_seconds)
+                for r in runtimes:  # one runtime at a time: idle threads of another would spin beside it
+                    lat[r] = measure({r: runner(model, shape, r, batch, threads)}, args.repeats,
+                                     max_seconds=args.max_seconds)[r]
             rows += [dict(runtime=r, batch=batch, threads=threads, median_ms=lat[r].median, q1_ms=lat[r].q1,
                           q3_ms=lat[r].q3, calls=lat[r].n, images_per_s=1e3 * batch / lat[r].median)
                      for r in runtimes]

@@ -9,7 +9,8 @@
   2015; Jacob et al. 2018, Sect. 3.2).
 * :func:`deployable` -- both, plus each module's own ``deploy_form`` (an equivalent module that
   runtimes execute faster: ResNet's option-A shortcut as a fixed strided 1x1 conv, a separable
-  block without its identity children), on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
+  block without its identity children, a multiplier-m or b-blueprint block's grouped conv as a
+  multiplier-1 depthwise conv), on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
   :func:`~sepconv.deploy.measure_latency` times.
 """
 

@@ -11,7 +11,10 @@ A runtime (:data:`RUNTIMES`) turns a model into a function of one prepared input
 Every runtime runs :func:`~sepconv.deploy.deployable` of the model (eval mode, normalized weights
 baked, BatchNorm folded). :func:`measure` times several such functions *interleaved* (one call of
 each per round, so drifts of a shared machine hit all alike) and reports the median and
-quartiles of each; :func:`measure_latency` is the one-model form.
+quartiles of each; :func:`measure_latency` is the one-model form. Interleave functions of one
+runtime only: with more than one thread, ONNX Runtime's and OpenMP's idle threads spin for a while
+after each call and steal the cores from a different runtime called next (measured: 2-thread
+eager calls 2-20x slower when interleaved with ONNX Runtime sessions).
 """
 
 from __future__ import annotations
@@ -43,15 +46,16 @@ class Latency:
     q1: float
     q3: float
     n: int
+    samples: tuple[float, ...] = ()  # every call's time in ms, in call order (paired across interleaved fns)
 
     def __str__(self) -> str:
         return f"{self.median:.3g} ms ({self.q1:.3g}-{self.q3:.3g})"
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Latency:
-        ms = sorted(1e3 * s for s in seconds)
+        ms = [1e3 * s for s in seconds]
         q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-        return cls(q[1], q[0], q[2], len(ms))
+        return cls(q[1], q[0], q[2], len(ms), tuple(ms))
 
 
 @contextlib.contextmanager
@@ -78,6 +82,8 @@ def _eager(channels_last: bool):
 
 
 def _compiled(net: nn.Module, x: torch.Tensor, threads: int, tmp: Path) -> Callable[[], object]:
+    # every model instance compiles anew; past dynamo's default limit (8) it would silently run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     fn = torch.compile(net)
 
     def call():
