@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import SepconvError
 from ..guard import os_reason
 from . import convert, demo, export, latency, models, spectrum, train
+from .args import add_threads
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add, run in COMMANDS:
         p = add(sub)
+        if "--threads" not in p._option_string_actions:  # every command takes --threads N
+            add_threads(p)
         p.set_defaults(_run=run)
     return parser
 
@@ -66,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sepconv {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    if isinstance(getattr(args, "threads", None), int):  # (sepconv latency takes a list: it sets its own)
+        import torch  # noqa: PLC0415 -- every command imports it anyway; --help and usage errors need not wait
+
+        torch.set_num_threads(args.threads)
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

@@ -51,8 +51,6 @@ def add(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = writable_file(args.out if args.out else Path(args.model) / "model.onnx" if Path(args.model).is_dir()
                         else f"{args.model.split(':')[-1]}.onnx", "--out")  # before the work, not after it
     data = None
