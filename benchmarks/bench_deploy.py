@@ -5,7 +5,8 @@ Regular networks against their conversions (``sepconv.decompose.convert``: dsc a
 (``sepconv.deploy.deployable``: eval, BatchNorm folded), timed in PyTorch eager (NCHW and
 channels_last) and in ONNX Runtime (the verified ``export_onnx`` file, CPU provider, all graph
 optimizations), at 1 and 2 threads, batch 1 and a large batch. Every figure is the median of
-interleaved calls (all variants of a model, one call each per round). Weights are the models'
+interleaved calls (all variants of a model in one runtime family, one call each per round; the
+runtime families one after the other, as idle threads of one would slow down the next). Weights are the models'
 initial ones: latency depends on shapes, not values; the energy-chosen ranks are those of the
 initial weights (stated per row).
 
