@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sepconv.decompose import convert
-from sepconv.deploy import deployable, export_onnx, measure, torch_threads
+from sepconv.deploy import RUNTIMES, deployable, export_onnx, measure, torch_threads
 from sepconv.deploy.export import onnx_session
 from sepconv.evidence import compare
 from sepconv.models import create_model, profile
@@ -72,27 +72,10 @@ def _variants(name: str, shape, variants, quick: bool) -> dict[str, torch.nn.Mod
     return out
 
 
-def _eager_fn(net, x, channels_last: bool):
-    if channels_last:  # on a copy: Module.to converts in place
-        net = copy.deepcopy(net).to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def call():
-        with torch.inference_mode():
-            net(x)
-    return call
-
-
-def _compiled_fn(net, x):
-    # every model instance compiles anew; past dynamo's default limit (8) it would silently run eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    fn = torch.compile(copy.deepcopy(net))
-
-    def call():
-        with torch.inference_mode():
-            fn(x)
-    call()  # compiles
-    return call
+def _fn(runtime: str, net, x):
+    """One forward pass of ``net`` (already deployable) on ``x``, built by ``sepconv.deploy``'s own
+    runtime on a copy (channels_last converts a module in place; torch.compile compiles here)."""
+    return RUNTIMES[runtime].build(copy.deepcopy(net), x, torch.get_num_threads(), Path(tempfile.gettempdir()))
 
 
 def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float]]:
@@ -146,7 +129,7 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
             with torch_threads(threads):
                 # one runtime family at a time, its variants interleaved: idle threads of ONNX Runtime
                 # and OpenMP spin after each call and would slow down another runtime called next
-                groups = [{(k, r): _eager_fn(net, x, r == "torch-cl") for k, net in nets.items() for r in EAGER}]
+                groups = [{(k, r): _fn(r, net, x) for k, net in nets.items() for r in EAGER}]
                 ort_fns = {}
                 for k in nets:
                     sess = onnx_session(paths[k], threads)
@@ -154,7 +137,7 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                     ort_fns[(k, "onnxruntime")] = (lambda s=sess, f=feed: s.run(None, f))
                 groups.append(ort_fns)
                 if name in COMPILE and threads == 1 and not quick:
-                    groups.append({(k, "torch-compile"): _compiled_fn(net, x) for k, net in nets.items()})
+                    groups.append({(k, "torch-compile"): _fn("torch-compile", net, x) for k, net in nets.items()})
                 for fns in groups:
                     lat.update(measure(fns, repeats=repeats, warmup=2, max_seconds=60 if not quick else 5))
                     fns.clear()
@@ -200,7 +183,6 @@ def _eager_ops(quick: bool) -> list[list[str]]:
     ResNet-20's and ResNet-50's shapes, per layout, and the cost of one nn.Module call."""
     rows = []
     shapes = [(16, 32), (64, 8)] if quick else [(16, 32), (32, 16), (64, 8), (128, 28)]
-    torch.nn.functional.conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3), groups=2)
     with torch_threads(1), torch.inference_mode():
         for c, h in shapes:
             g = torch.Generator().manual_seed(0)
@@ -211,7 +193,7 @@ def _eager_ops(quick: bool) -> list[list[str]]:
             for layout in ("NCHW", "channels_last"):
                 x = torch.randn(1, c, h, h, generator=g)
                 for k, conv in convs.items():
-                    fns[(k, layout)] = _eager_fn(conv.eval(), x, layout == "channels_last")
+                    fns[(k, layout)] = _fn("torch-cl" if layout == "channels_last" else "torch", conv.eval(), x)
             lat = measure(fns, repeats=50 if quick else 300, warmup=10)
             for k, conv in convs.items():
                 flops = 2 * conv.weight.numel() * h * h

@@ -102,4 +102,5 @@ def combine(parts: Iterable[bool | None]) -> bool | None:
 
 
 def verdict_word(held: bool | None) -> str:
+    """The verdict's name: ``Held``, ``Did not hold`` or ``Inconclusive``."""
     return {True: "Held", False: "Did not hold", None: "Inconclusive"}[held]

@@ -193,6 +193,24 @@ class GroupSum(nn.Module):
         return f"parts={self.parts}"
 
 
+def _interleave(outer: int, inner: int, device=None) -> Tensor:
+    """The channel permutation ``new j * outer + o <- old o * inner + j`` (an index, new -> old)."""
+    return torch.arange(outer * inner, device=device).view(outer, inner).t().reshape(-1)
+
+
+def _flat_depthwise(like: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
+    """A multiplier-1 depthwise conv on ``weight.shape[0]`` channels with ``like``'s geometry
+    (kernel, stride, padding, dilation, padding mode), holding ``weight`` and ``bias``."""
+    n = weight.shape[0]
+    new = nn.Conv2d(n, n, like.kernel_size, like.stride, like.padding, like.dilation, groups=n, bias=bias is not None,
+                    padding_mode=like.padding_mode, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 #: activations that act on each value alone (they commute with a permutation of channels)
 _STATELESS_ACTS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardtanh, nn.SiLU, nn.GELU, nn.ELU,
                    nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -302,21 +320,14 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
         but a stateless activation between the convs) the depthwise conv reads ``m`` copies of its
         input as one multiplier-1 depthwise conv on ``m C`` channels, its filters and the pointwise
         conv's columns permuted to match: the same map, in the form runtimes have fast kernels for
-        (measured in BENCHMARKS.md, deployment speed: a multiplier-m depthwise conv runs a generic
-        grouped-conv path)."""
+        (a multiplier-m depthwise conv runs a generic grouped-conv path)."""
         m, dw = self.depth_multiplier, self.dw
         if m == 1 or not isinstance(self.mid_norm, nn.Identity) or not isinstance(self.mid_act, _STATELESS_ACTS):
             return super().deploy_form(in_shape)
-        c = dw.in_channels
-        perm = torch.arange(c * m, device=dw.weight.device).view(c, m).t().reshape(-1)  # new j*C + c <- old c*m + j
-        new = nn.Conv2d(c * m, c * m, dw.kernel_size, dw.stride, dw.padding, dw.dilation, groups=c * m,
-                        bias=dw.bias is not None, padding_mode=dw.padding_mode, device=dw.weight.device,
-                        dtype=dw.weight.dtype)
+        perm = _interleave(dw.in_channels, m, dw.weight.device)
+        new = _flat_depthwise(dw, dw.weight[perm], None if dw.bias is None else dw.bias[perm])
         pw = copy.deepcopy(self.pw)
         with torch.no_grad():
-            new.weight.copy_(dw.weight[perm])
-            if dw.bias is not None:
-                new.bias.copy_(dw.bias[perm])
             pw.weight.copy_(self.pw.weight[:, perm])
         parts = [ChannelRepeat(m), new, self.mid_act, pw]
         return nn.Sequential(*(p for p in parts if not isinstance(p, nn.Identity)))
@@ -369,22 +380,16 @@ class BSConvU(_SeparableBlock):
         folded away) the grouped ``dw`` (``b`` inputs per output) becomes a multiplier-1 depthwise
         conv on the ``b C`` channels followed by the sum of its ``b`` channel slices
         (:class:`GroupSum`), ``pw``'s rows permuted to match: the same map, with the depthwise kernel
-        runtimes optimize instead of their generic grouped-conv path (measured on ResNet-20 converted
-        to bsconv_u at energy 0.5, 1 thread: 2.2x faster in ONNX Runtime at batch 1, 2.9x at batch 64)."""
+        runtimes optimize instead of their generic grouped-conv path."""
         b, dw = self.blueprints, self.dw
         if b == 1 or not isinstance(getattr(self, "bn", nn.Identity()), nn.Identity):
             return super().deploy_form(in_shape)
         o = dw.out_channels
-        perm = torch.arange(o * b, device=dw.weight.device).view(o, b).t().reshape(-1)  # new j*O + o <- old o*b + j
-        fk = dict(device=dw.weight.device, dtype=dw.weight.dtype)
-        new = nn.Conv2d(o * b, o * b, dw.kernel_size, dw.stride, dw.padding, dw.dilation, groups=o * b,
-                        bias=dw.bias is not None, padding_mode=dw.padding_mode, **fk)
+        perm = _interleave(o, b, dw.weight.device)
+        bias = None if dw.bias is None else torch.cat([dw.bias, dw.bias.new_zeros((b - 1) * o)])  # once, 1st slice
+        new = _flat_depthwise(dw, dw.weight.reshape(o * b, 1, *dw.kernel_size)[perm], bias)
         pw = copy.deepcopy(self.pw)
         with torch.no_grad():
-            new.weight.copy_(dw.weight.reshape(o * b, 1, *dw.kernel_size)[perm])
-            if dw.bias is not None:  # added once, on the first slice
-                new.bias.zero_()
-                new.bias[:o].copy_(dw.bias)
             pw.weight.copy_(self.pw.weight[perm])
             if pw.bias is not None:
                 pw.bias.copy_(self.pw.bias[perm])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .evidence import verdict_word
 from .files import atomic_path, atomic_write_text
 
 __all__ = ["NUMBER", "README_END", "README_START", "Report", "Section", "check_readme", "fmt", "json_safe", "numbers",
@@ -138,7 +139,7 @@ class Section:
             word = "**Not a test (quick mode).**"
         else:
             self.data["held"] = held
-            word = {True: "**Held.**", False: "**Did not hold.**", None: "**Inconclusive.**"}[held]
+            word = f"**{verdict_word(held)}.**"
         self.fill(word + " " + because, **values)
         self.data["verdict"] = self.blocks[-1]
 
