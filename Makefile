@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench readme venv clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -34,6 +34,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks
+
+# every console output in README.md, regenerated from the shipped code (run on an idle machine)
+readme: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/readme_outputs.py
 
 clean:
 	rm -rf $(VENV) demo runs

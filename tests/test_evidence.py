@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from sepconv.errors import ConfigError
-from sepconv.evidence import combine, compare, mean_interval
+from sepconv.evidence import combine, combine_some, compare, mean_interval, pooled_accuracy
 
 
 def test_the_interval_is_students_t_on_the_mean():
@@ -61,3 +61,30 @@ def test_the_description_states_interval_draws_and_margin():
     c = compare([0.95, 0.96, 0.97], [0.94, 0.95, 0.97], "no_worse", 0.01)
     text = c.describe(scale=100, unit=" pp")
     assert "over 3 paired draws" in text and "95 % t-interval" in text and "margin 1.00 pp" in text
+
+
+@pytest.mark.parametrize("parts,held", [
+    ([True, None, None], True),      # rose at one radius, undecided at the others
+    ([True, False, None], False),    # fell somewhere: not an improvement
+    ([None, None, None], None),      # nothing decided
+    ([True, True, True], True),
+    ([False, None], False),
+    ([], None),
+])
+def test_a_claim_that_holds_somewhere_on_a_grid(parts, held):
+    assert combine_some(parts) is held
+
+
+def test_pooled_accuracy_counts_every_image_once_with_its_binomial_standard_error():
+    acc, se = pooled_accuracy([0.9, 0.8], [100, 300])
+    assert acc == pytest.approx((90 + 240) / 400) and se == pytest.approx(math.sqrt(acc * (1 - acc) / 400))
+    assert pooled_accuracy([1.0], [10]) == (1.0, 0.0)
+    for accs, sizes in (([0.9], [10, 20]), ([], []), ([0.5], [0])):
+        with pytest.raises(ConfigError, match="pooled_accuracy"):
+            pooled_accuracy(accs, sizes)
+
+
+@pytest.mark.parametrize("claim,delta,side", [("greater", 0, "above 0"), ("less", 0, "below 0"),
+                                              ("no_worse", 0.02, "above -0.02"), ("no_greater", 0.1, "below 0.1")])
+def test_a_comparison_names_the_side_its_interval_must_lie_on(claim, delta, side):
+    assert compare([1.0, 2.0], [0.0, 0.5], claim, delta).side == side

@@ -229,3 +229,32 @@ def test_a_checkpoint_from_before_the_loss_settings_resumes_as_cross_entropy(tmp
     torch.save(state, out / "last.pt")
     res = train(TrainConfig(**TINY, epochs=2, out=str(out)), progress=False, resume=True)
     assert [r["epoch"] for r in res.history] == [2]
+
+
+def test_fantastic_four_penalty_is_the_sum_of_the_conv_layers_bounds_and_differentiable():
+    import torch
+
+    from sepconv.losses import fantastic_four_penalty
+    from sepconv.models import create_model
+    from sepconv.spectral import ConvSpec, fantastic_four
+
+    torch.manual_seed(0)
+    net = create_model("simple_cnn", num_classes=10, in_chans=1, conv="dsc")
+    penalty = fantastic_four_penalty(net, (1, 8, 8))
+    seen = {}  # each conv's input size, by forward hooks
+
+    def hook(m, args, out):
+        seen[m] = tuple(args[0].shape[-2:])
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    net.eval()(torch.zeros(1, 1, 8, 8))
+    net.train()
+    for h in handles:
+        h.remove()
+    expected = sum(fantastic_four(m.weight, ConvSpec.of(m, seen[m])) for m in seen)
+    assert len(seen) == 8
+    value = penalty()
+    assert torch.allclose(value, expected)
+    value.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in net.modules() if isinstance(m, torch.nn.Conv2d))

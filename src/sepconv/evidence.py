@@ -15,7 +15,8 @@ The claim names its side:
 
 One draw has no interval and is always inconclusive: one draw decides nothing. A claim with several
 parts (:func:`combine`) holds when every part held, did not hold when any part did not, and is
-inconclusive otherwise.
+inconclusive otherwise; a claim that holds somewhere on a grid (:func:`combine_some`) holds when
+some part held and none did not.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from scipy import stats
 
 from .errors import ConfigError
 
-__all__ = ["CLAIMS", "Comparison", "combine", "compare", "mean_interval", "verdict_word"]
+__all__ = ["CLAIMS", "Comparison", "combine", "combine_some", "compare", "mean_interval", "pooled_accuracy",
+           "verdict_word"]
 
 CLAIMS = ("greater", "less", "no_worse", "no_greater")
 
@@ -60,6 +62,12 @@ class Comparison:
     hi: float
     level: float
     held: bool | None
+
+    @property
+    def side(self) -> str:
+        """The claim as the side the interval must lie on, e.g. ``"above 0"`` or ``"above -0.02"``."""
+        threshold = {"greater": 0.0, "less": 0.0, "no_worse": -self.delta, "no_greater": self.delta}[self.claim]
+        return f"{'above' if self.claim in ('greater', 'no_worse') else 'below'} {threshold:g}"
 
     def describe(self, scale: float = 1.0, unit: str = "", spec: str = ".2f") -> str:
         """E.g. ``"+1.20 (+0.40 to +2.00) pp over 3 seeds, 95 % t-interval"``; values times ``scale``."""
@@ -101,6 +109,27 @@ def combine(parts: Iterable[bool | None]) -> bool | None:
     return True if parts and all(p is True for p in parts) else None
 
 
+def combine_some(parts: Iterable[bool | None]) -> bool | None:
+    """A claim that holds *somewhere* on a grid (e.g. "improves certified accuracy" over several
+    radii): held when some part held and none did not, did not hold when any part did not,
+    inconclusive otherwise (no part decided)."""
+    parts = list(parts)
+    if any(p is False for p in parts):
+        return False
+    return True if any(p is True for p in parts) else None
+
+
 def verdict_word(held: bool | None) -> str:
     """The verdict's name: ``Held``, ``Did not hold`` or ``Inconclusive``."""
     return {True: "Held", False: "Did not hold", None: "Inconclusive"}[held]
+
+
+def pooled_accuracy(accuracies: Sequence[float], sizes: Sequence[int]) -> tuple[float, float]:
+    """``(accuracy, standard error)`` of test sets of ``sizes`` images scored ``accuracies``, pooled:
+    the fraction of all images classified correctly and its binomial standard error
+    ``sqrt(p (1 - p) / N)``. Over the folds of a partition every image is counted once."""
+    if len(accuracies) != len(sizes) or not sizes or any(n <= 0 for n in sizes):
+        raise ConfigError(f"pooled_accuracy: need one positive size per accuracy, got {list(sizes)!r}")
+    n = sum(sizes)
+    p = sum(a * k for a, k in zip(accuracies, sizes)) / n
+    return p, math.sqrt(max(p * (1 - p), 0.0) / n)

@@ -15,6 +15,9 @@ name      options                         loss
 ``hkr``   ``margin``, ``hkr_alpha``       hinge-regularized Kantorovich-Rubinstein (one-vs-all)
 ========  ==============================  ===========================================================
 
+:func:`fantastic_four_penalty` is the one model regularizer here: the sum of a model's conv layers'
+Fantastic Four bounds, a function of the weights to add to any of these losses.
+
 **Margins and certificates.** ``margin`` is a margin of the logits, the quantity the
 Lipschitz-margin certificate divides (:mod:`sepconv.spectral.certificates`): a sample whose margin
 ``z_y - max_{j != y} z_j`` is at least ``m`` is certified at radius ``m / (sqrt(2) L)`` in the
@@ -35,13 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["LOSSES", "LOSS_ALIASES", "LossSpec", "canonical_loss", "cross_entropy", "get_loss", "hkr",
-           "kantorovich_rubinstein", "loss_names", "margin_cross_entropy", "multiclass_hinge", "one_vs_all_hinge",
-           "register_loss"]
+__all__ = ["LOSSES", "LOSS_ALIASES", "LossSpec", "canonical_loss", "cross_entropy", "fantastic_four_penalty",
+           "get_loss", "hkr", "kantorovich_rubinstein", "loss_names", "margin_cross_entropy", "multiclass_hinge",
+           "one_vs_all_hinge", "register_loss"]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -221,3 +224,26 @@ register_loss(LossSpec("hinge", multiclass_hinge, {"margin": "margin"},
                        "multi-class hinge with logit margin --margin (Li et al. 2019; Trockman & Kolter 2021)"))
 register_loss(LossSpec("hkr", hkr, {"margin": "margin", "alpha": "hkr_alpha"},
                        "hinge-regularized Kantorovich-Rubinstein, one-vs-all (Serrurier et al. 2021)"))
+
+
+def fantastic_four_penalty(model: nn.Module, input_shape: tuple[int, int, int]) -> Callable[[], Tensor]:
+    """The Fantastic Four regularizer of ``model``: a function returning ``sum_l F4(W_l)``, the sum
+    over its Conv2d layers of the minimum of their four differentiable reshape bounds on the spectral
+    norm (Singla & Feizi, ICLR 2021, arXiv 1911.10258, Sec. 5 and Theorem 1;
+    :func:`sepconv.spectral.fantastic_four`). Add ``beta * penalty()`` to the loss of each step.
+
+    The layers and their geometries are found once, here, by one dry forward pass at ``input_shape``
+    ``(C, H, W)``; the returned function only reads the current weights (and leaves the state of
+    any spectral normalization as the forward pass left it)."""
+    # NB: imported here: losses is imported by the training config, the spectral engine is not needed there
+    from .normalize import frozen_state  # noqa: PLC0415
+    from .spectral import ConvSpec, fantastic_four  # noqa: PLC0415
+    from .spectral.network import layer_inputs  # noqa: PLC0415
+
+    convs = [(mod, ConvSpec.of(mod, shape[-2:]))
+             for mod, shape in layer_inputs(model, tuple(input_shape), types=(nn.Conv2d,)).values()]
+
+    def penalty() -> Tensor:
+        with frozen_state():
+            return sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
+    return penalty

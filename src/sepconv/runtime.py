@@ -20,7 +20,7 @@ import ctypes.util
 import functools
 import os
 
-__all__ = ["TOP_PAD", "TRIM_THRESHOLD", "tune_allocator"]
+__all__ = ["TOP_PAD", "TRIM_THRESHOLD", "oversubscription", "tune_allocator"]
 
 #: glibc ``mallopt`` parameters (``malloc.h``).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -45,3 +45,25 @@ def tune_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
                                                (_M_TOP_PAD, TOP_PAD)))
+
+
+def oversubscription(threads: int, cores: int | None = None, load: float | None = None) -> str | None:
+    """Why the machine is oversubscribed for work on ``threads`` threads, or ``None`` when it is not.
+
+    Oversubscribed: the 1-minute load average (other runnable work, ``os.getloadavg``) plus our
+    threads exceeds the cores by one or more. On a 2-core machine two torch threads
+    beside one other busy process were measured 10-20x slower per training step than one thread
+    (sepconv issue 17), so the message suggests ``--threads``. ``cores`` and ``load`` default to
+    the machine's (``os.cpu_count()``, ``os.getloadavg()[0]``); without a load average: ``None``."""
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+    if load + threads < cores + 1:
+        return None
+    fewer = max(1, min(threads - 1, int(cores - load + 0.5)))
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and this run uses {threads} torch "
+            f"thread{'s' if threads > 1 else ''}: timings will be slow and noisy; stop the other work"
+            + (f" or use --threads {fewer}" if threads > 1 else ""))

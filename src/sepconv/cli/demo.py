@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
 
 from ..data import list_datasets
-from ..demo import run_demo
-from ..errors import DataError
+from ..demo import BUDGETS, run_demo
+from ..errors import ConfigError, DataError
 from ..guard import writable_dir
 from ..report import check_readme
-from ..runtime import tune_allocator
+from ..runtime import oversubscription, tune_allocator
+from .args import positive_int
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -18,7 +22,13 @@ def add(sub) -> argparse.ArgumentParser:
                                    "paper's claim; writes OUT/report.md, OUT/report.json and OUT/plots/. "
                                    "Runs in OUT/runs/ are reused, so an interrupted demo resumes.")
     p.add_argument("--out", default="demo", metavar="DIR", help="output directory (default: demo)")
-    p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute; for tests and CI)")
+    p.add_argument("--budget", choices=list(BUDGETS), default=None,
+                   help="default: every claim over --seeds seeds, about 10 minutes on 2 idle cores; quick: tiny "
+                        "budgets, at most 2 minutes, tests no claim (for CI); full: 5 seeds, longer training")
+    p.add_argument("--quick", action="store_true", help="the quick budget (at most 2 minutes; its verdicts are not "
+                                                        "tests)")
+    p.add_argument("--seeds", type=positive_int, metavar="N",
+                   help="paired seeds per comparison, each testing its own fold (default: 3; quick 2, full 5)")
     p.add_argument("--data", default="digits",
                    help=f"dataset, one of {', '.join(list_datasets())} (default: the bundled digits)")
     p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset's files")
@@ -33,9 +43,14 @@ def run(args) -> int:
         raise DataError(f"unknown dataset {args.data!r}; known: {', '.join(list_datasets())}")
     if args.readme is not None:
         check_readme(args.readme)  # before the long work
+    if args.quick and args.budget not in (None, "quick"):
+        raise ConfigError(f"--quick and --budget {args.budget} contradict each other; give one")
     writable_dir(args.out, "--out")
     tune_allocator()  # freed step buffers stay mapped (see sepconv.runtime)
-    path = run_demo(args.out, quick=args.quick, data=args.data, data_dir=args.data_dir, device=args.device,
-                    progress=args.progress, readme=args.readme)
+    busy = oversubscription(torch.get_num_threads())
+    if busy:
+        print(f"sepconv demo: warning: {busy}", file=sys.stderr)
+    path = run_demo(args.out, data=args.data, data_dir=args.data_dir, device=args.device, progress=args.progress,
+                    readme=args.readme, budget="quick" if args.quick else args.budget, seeds=args.seeds)
     print(f"report written to {path}")
     return 0

@@ -11,6 +11,7 @@ from ..deploy import RUNTIMES, measure, runner, torch_threads
 from ..errors import MissingDependencyError
 from ..io import model_from_spec
 from ..models import profile
+from ..runtime import oversubscription
 from .args import add_trust_code, input_shape, positive_int
 
 DEFAULT_RUNTIMES = ("torch", "torch-cl", "onnxruntime")
@@ -57,6 +58,9 @@ def run(args) -> int:
                             trust_code=args.trust_code)
     shape = input_shape(model, args)
     prof = profile(model, shape)
+    busy = oversubscription(max(args.threads))
+    if busy:
+        print(f"sepconv latency: warning: {busy}", file=sys.stderr)
     rows = []
     for threads in args.threads:
         for batch in args.batch:

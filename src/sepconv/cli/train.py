@@ -14,6 +14,8 @@ from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
 from .args import add_trust_code, model_arg, nonneg_float, number, positive_float, positive_int, unit_float
 
 alpha_arg = number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+folds_arg = number(int, lambda v: v == 0 or v >= 2, "0 or an integer >= 2")
+nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def add(sub) -> argparse.ArgumentParser:
@@ -37,6 +39,11 @@ def add(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=positive_int, help="resize images to this size (default: the dataset's)")
     g.add_argument("--train-images", type=positive_int, metavar="N",
                    help="train on the first N images of the train split only (smoke tests; default: all)")
+    g.add_argument("--folds", type=folds_arg, default=d.folds, metavar="K",
+                   help="stratified K-fold cross-validation: pool the dataset's train and test splits, test on "
+                        "fold --fold of K and train on the others (default 0: the dataset's own split)")
+    g.add_argument("--fold", type=nonneg_int, default=d.fold, metavar="I",
+                   help="with --folds K: the test fold, 0..K-1 (default 0)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=positive_int, default=d.epochs)
@@ -113,7 +120,7 @@ def train_config(args) -> TrainConfig:
     return TrainConfig(
         model=args.model, conv=args.conv, width=args.width, model_kwargs=dict(args.model_arg),
         init=args.init, data=args.data, data_dir=args.data_dir, image_size=args.image_size,
-        train_images=args.train_images,
+        train_images=args.train_images, folds=args.folds, fold=args.fold,
         augment=args.augment, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,

@@ -8,7 +8,8 @@ A dataset is added in one place, its family module, with :func:`register_dataset
 and the module imported by :mod:`sepconv.data`. A loader gets the resolved data directory (or
 ``None`` for a dataset that needs no files), the split (``"train"`` or ``"test"``, already
 checked) and the image size (``None``: the native size); everything else about a dataset -- its
-files, classes, statistics -- is the loader's business.
+files, classes, statistics -- is the loader's business. Cross-validation folds need nothing of a
+loader: :func:`load_dataset` pools its two splits.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..errors import ConfigError, DataError, DataNotFoundError
-from .base import SPLITS, ImageDataset
+from .base import SPLITS, ImageDataset, SubsetDataset, _check_poolable, check_folds, kfold_indices
 from .safe_files import stat_or_none
 
 __all__ = ["DatasetSpec", "Loader", "dataset_spec", "list_datasets", "load_dataset", "register_dataset"]
@@ -70,12 +74,22 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
-                 image_size: int | None = None) -> ImageDataset:
+                 image_size: int | None = None, folds: int | None = None, fold: int = 0) -> ImageDataset:
     """Load split ``"train"`` or ``"test"`` of dataset ``name`` from the files under ``root``.
 
     ``image_size=None`` keeps the native size (32 for digits, 224 for image folders); any
     other positive int resizes to ``image_size x image_size`` (bilinear, antialiased).
     ``root=None`` means ``$SEPCONV_DATA`` or else ``./data``.
+
+    ``folds=None`` (or 0) gives the dataset's own split. ``folds=K >= 2`` gives fold ``fold``
+    (``0..K-1``) of a stratified K-fold cross-validation instead: the dataset's own train and test
+    splits are pooled (train first) and partitioned by :func:`~sepconv.data.base.kfold_indices`;
+    ``"test"`` is fold ``fold`` and ``"train"`` the other folds, both a
+    :class:`~sepconv.data.base.SubsetDataset` reading the two splits on demand. Over
+    ``fold = 0..K-1`` every image is tested exactly once. The normalization constants stay those
+    of the dataset's own train split (fixed per dataset, not refitted per fold). Every class needs
+    at least ``K`` images in the pool (:class:`DataError` otherwise), so that every fold tests and
+    trains on every class; bad ``folds`` or ``fold`` are a :class:`ConfigError`.
     """
     spec = dataset_spec(name)
     if split not in SPLITS:
@@ -83,8 +97,32 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or image_size <= 0):
         raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
+    k = check_folds(folds, fold)
     size = image_size if image_size is not None else spec.default_size
-    return spec.load(_data_root(name, root) if spec.needs_root else None, split, size)
+    data_root = _data_root(name, root) if spec.needs_root else None
+    if not k:
+        return spec.load(data_root, split, size)
+    return _fold_of(name, [spec.load(data_root, s, size) for s in SPLITS], split, k, int(fold))
+
+
+def _fold_of(name: str, parents: list[ImageDataset], split: str, folds: int, fold: int) -> SubsetDataset:
+    """Split ``split`` of fold ``fold`` of ``folds`` over the pooled ``parents`` (see :func:`load_dataset`)."""
+    _check_poolable(parents)
+    targets = np.concatenate([p.targets.numpy() for p in parents])
+    classes = parents[0].classes
+    counts = np.bincount(targets, minlength=len(classes))[:len(classes)]
+    c = int(counts.argmin())
+    if counts[c] < folds:
+        raise DataError(f"{name}: {folds} folds need at least {folds} images of every class (each fold tests and "
+                        f"trains on every class), but class {classes[c]!r} has {counts[c]}; use fewer folds")
+    test = kfold_indices(targets, folds, fold)
+    if split == "test":
+        idx = test
+    else:
+        keep = np.ones(len(targets), dtype=bool)
+        keep[test] = False
+        idx = np.flatnonzero(keep)
+    return SubsetDataset(parents, torch.from_numpy(idx), split=split)
 
 
 def _data_root(name: str, root: str | os.PathLike | None) -> Path:

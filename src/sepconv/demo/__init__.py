@@ -7,9 +7,11 @@ sepconv reads), then measures what each paper claims, and writes ``report.md``,
 (an interrupted demo resumes where it stopped). Seeds are fixed: two runs on the same
 machine give the same accuracies and norms; timings vary with the machine's load.
 
-Budgets: the default run takes a few minutes on 2 CPU cores; ``--quick`` uses native
-8x8 digits and a single epoch (for tests and CI) -- its numbers say only that the
-pipeline works, and the report says so.
+Every claim is decided by one rule (:mod:`sepconv.evidence`): comparisons paired over seeds, each
+seed testing its own fold of a stratified partition of the data, with a 95 % interval. Budgets
+(:data:`BUDGETS`): ``default`` (three seeds, about ten minutes on 2 idle CPU cores), ``quick``
+(native 8x8 digits and a single epoch, for tests and CI: its numbers say only that the pipeline
+works, and no verdict is a test), ``full`` (five seeds, longer training).
 
 One module per paper (:mod:`.runkel`, :mod:`.decomposition`, :mod:`.bsconv`,
 :mod:`.fantastic_four`), each with one section function; :mod:`.context` holds the budget,
@@ -27,21 +29,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import load_dataset
 from ..report import Report, update_readme
 from ..train import resolve_device
-from .bsconv import all_or_none, kernel_correlations, section_bsconv
-from .certified import draw_certified, median_radius, radius_grid
-from .context import Budget, Context, Paper, Run, SectionFn, eval_batches, train_cached
+from .bsconv import kernel_correlations, section_bsconv
+from .certified import PIXEL_EPS, cert_table, draw_certified, median_radius
+from .context import BUDGETS, Budget, Context, Paper, Run, SectionFn, eval_batches, train_cached
 from .decomposition import section_he
 from .fantastic_four import section_fantastic_four
 from .runkel import SN_METHODS, section_runkel
-from .timing import forward_ms, train_step_costs
+from .timing import train_step_costs
 
-__all__ = ["PAPERS", "SECTIONS", "SN_METHODS", "Budget", "Context", "Paper", "Run", "SectionFn", "all_or_none",
-           "draw_certified", "eval_batches", "forward_ms", "kernel_correlations", "median_radius", "radius_grid",
-           "run_demo", "section_bsconv", "section_fantastic_four", "section_he", "section_runkel", "train_cached",
-           "train_step_costs"]
+__all__ = ["BUDGETS", "PAPERS", "PIXEL_EPS", "SECTIONS", "SN_METHODS", "Budget", "Context", "Paper", "Run",
+           "SectionFn", "cert_table", "draw_certified", "eval_batches", "kernel_correlations",
+           "median_radius", "run_demo", "section_bsconv", "section_fantastic_four", "section_he",
+           "section_runkel", "train_cached", "train_step_costs"]
 
 #: The papers the demo reproduces, in report order: a new paper is one module and one line here.
 PAPERS: tuple[Paper, ...] = (
@@ -56,14 +57,22 @@ SECTIONS: list[SectionFn] = [p.run for p in PAPERS]
 
 
 def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits", data_dir: str | None = None,
-             device: str = "cpu", progress: bool = True, readme: str | Path | None = None) -> Path:
-    """Run every section and write the report; returns the path of ``report.md``. With ``readme``,
-    that file's results block is rewritten from the new report (:func:`sepconv.report.update_readme`)."""
+             device: str = "cpu", progress: bool = True, readme: str | Path | None = None,
+             budget: str | Budget | None = None, seeds: int | None = None) -> Path:
+    """Run every section and write the report; returns the path of ``report.md``. ``budget``: a name of
+    :data:`BUDGETS` (default ``"default"``; ``quick=True`` means ``"quick"``) or a :class:`Budget`;
+    ``seeds`` overrides its number of seeds. With ``readme``, that file's results block is rewritten
+    from the new report (:func:`sepconv.report.update_readme`)."""
     out = Path(out)
-    budget = Budget.for_run(quick)
+    if not isinstance(budget, Budget):
+        budget = Budget.named(budget or ("quick" if quick else "default"))
+    budget = budget.with_seeds(seeds)
+    quick = budget.quick
     resolve_device(device)  # bad input fails here, before any work
-    for split in ("train", "test"):
-        load_dataset(data, data_dir, split=split, image_size=budget.image_size)
+    ctx_check = Context(out, budget, data, data_dir)
+    for s in ctx_check.seeds:
+        for split in ("train", "test"):
+            ctx_check.dataset(split, s)
     t0 = time.perf_counter()
     report = Report("sepconv demo: four papers' claims at small scale",
                     meta={"quick": quick, "data": data, "device": device, "budget": budget.__dict__,
@@ -77,9 +86,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
                   bars=bar is not None)
     if quick:
         report.run.text("**Quick mode**: tiny budgets (native 8x8 images, one epoch on part of the train split); "
-                        "the numbers show the "
-                        "pipeline works, not what the papers claim. Run `sepconv demo` without --quick for "
-                        "the real measurements.")
+                        "the numbers show the pipeline works, not what the papers claim, and no verdict is a "
+                        "test. Run `sepconv demo` without --quick for the real measurements.")
     seconds, names = {}, {}
     for paper in PAPERS:
         t = time.perf_counter()
@@ -90,9 +98,12 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
             bar.update()
     if bar is not None:
         bar.close()
-    report.run.fill("Data: {data}, images {size}x{size}, {epochs} epochs per network; torch {torch}, "
-                    "{threads} threads; wall time {wall} s.", data=data, size=budget.image_size,
-                    epochs=budget.epochs, torch=torch.__version__, threads=torch.get_num_threads(),
+    folds = (f"seed s tests on fold s of a stratified {budget.folds}-fold partition (every image tested once)"
+             if budget.folds else "the dataset's own test split")
+    report.run.fill("Data: {data}, images {size}x{size}, {epochs} epochs per network, {seeds} seeds ({folds}); "
+                    "budget {budget}; torch {torch}, {threads} threads; wall time {wall} s.", data=data,
+                    size=budget.image_size, epochs=budget.epochs, seeds=budget.seeds, folds=folds,
+                    budget=budget.name, torch=torch.__version__, threads=torch.get_num_threads(),
                     wall=round(time.perf_counter() - t0, 1))
     report.run.data["summary"] = [report.run.blocks[-1]]
     report.run.fill("Seconds per section: " + ", ".join(f"{names[k]} {{{k}}}" for k in seconds) + ".", **seconds)

@@ -6,7 +6,8 @@ its prediction on ``x`` for every perturbation of l2 norm below ``margin(x) / (s
 it ends in a Linear layer, below the pairwise radius ``min_j (z_y - z_j) / (L_h ||w_y - w_j||)``
 (Leino et al., ICML 2021); ``sepconv.spectral.certified_radii`` keeps the larger, in the units of
 the network's input (normalized pixels). A wrong prediction has radius ``-inf``. These helpers
-turn the per-sample radii into the report's grid, medians and step curves.
+turn the per-sample radii into the report's medians, tables and step curves. The demo's
+radii are pixel-l2 radii of images in [0, 1] (``certified_radii(..., input_scale=std)``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["draw_certified", "median_radius", "radius_grid"]
+from ..report import Section
+
+__all__ = ["PIXEL_EPS", "cert_table", "draw_certified", "median_radius"]
+
+#: The pixel-l2 radii (pixels scaled to the unit interval) at which the demo reports certified accuracy.
+PIXEL_EPS = (0.1, 0.25, 0.5)
 
 
 def _positive(r: Tensor) -> Tensor:
@@ -24,39 +30,46 @@ def _positive(r: Tensor) -> Tensor:
     return r[torch.isfinite(r) & (r > 0)]
 
 
-def radius_grid(radii: list[Tensor], max_points: int = 6) -> list[float]:
-    """The radii at which the report tabulates certified accuracy: ``0`` and the values ``1`` and
-    ``3`` times a power of ten spanning the certified radii of the models' correct predictions
-    (10% to 90% quantiles, pooled over the models), at most ``max_points`` of them. The networks'
-    certified Lipschitz bounds range over many orders of magnitude (free BatchNorm multiplies
-    them), so a fixed grid would show only zeros or only ones."""
-    pooled = torch.cat([_positive(r) for r in radii])
-    if pooled.numel() == 0:
-        return [0.0]
-    lo, hi = (float(v) for v in torch.quantile(pooled, torch.tensor([0.1, 0.9], dtype=pooled.dtype)))
-    grid = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-            for m in (1, 3) if lo / 3 <= m * 10.0 ** k <= hi * 3]
-    if len(grid) >= max_points:  # keep both ends, evenly spaced between
-        grid = [grid[round(i * (len(grid) - 1) / (max_points - 2))] for i in range(max_points - 1)]
-    return [0.0] + [float(f"{e:.0e}") for e in grid]
-
-
 def median_radius(radii: Tensor) -> float:
     """Median certified radius over the test samples (a wrong prediction counts as radius 0)."""
     return float(torch.median(radii.clamp(min=0.0)))
 
 
-def draw_certified(ax, radii: dict[str, Tensor], lips: dict[str, float]) -> None:
-    """Certified accuracy against the radius, one step curve per model (from every sample's radius)."""
+def cert_table(sec: Section, radii: dict[str, Tensor], lips: dict[str, list[float]], label: str) -> None:
+    """The certified-accuracy table: per model (``label`` names the column), the geometric mean of
+    its seeds' certified bounds, the median certified radius and the certified accuracy at each of
+    :data:`PIXEL_EPS` over the pooled test images."""
+    rows = []
+    for k, r in radii.items():
+        rows.append({label: k, "lipschitz_bound": math.exp(sum(math.log(v) for v in lips[k]) / len(lips[k])),
+                     "clean_acc": float((r > -math.inf).double().mean()), "median_radius": median_radius(r),
+                     **{f"cert@{e:g}": float((r > e).double().mean()) for e in PIXEL_EPS}})
+    sec.table("certificates", [label, "lipschitz_bound", "clean_acc", "median_radius",
+                               *(f"cert@{e:g}" for e in PIXEL_EPS)], rows,
+              caption="Certified accuracy at pixel-l2 radius eps (pixels scaled to the unit interval) over every "
+                      "seed's test fold, the median certified radius (a wrong prediction counts as zero) and the "
+                      "geometric mean of the seeds' certified Lipschitz bounds (the larger of the Lipschitz-margin "
+                      "and the final Linear's pairwise certificate):")
+
+
+def draw_certified(ax, radii: dict[str, Tensor], title: str = "", chance: float | None = 0.1) -> None:
+    """Certified accuracy against the pixel radius, one step curve per model (from every sample's
+    radius); a model whose clean accuracy is at most twice ``chance`` is labelled "near chance"."""
     finite = torch.cat([_positive(r) for r in radii.values()])
     lo = float(finite.min()) / 2 if finite.numel() else 1e-6
     for k, r in radii.items():
         n = r.numel()
+        clean = float((r > -math.inf).double().mean())
         xs = torch.sort(_positive(r)).values
         acc = (torch.arange(xs.numel(), 0, -1, dtype=torch.float64) - 1) / n  # fraction above each radius
+        near = " near chance" if chance is not None and clean <= 2 * chance else ""
         ax.step([lo, *xs.tolist()], [float((r > 0).double().mean()), *acc.tolist()], where="post",
-                label=f"{k} (L <= {lips[k]:.3g})")
+                label=f"{k} (clean {clean:.3f}{near})")
+    for e in PIXEL_EPS:
+        ax.axvline(e, color="0.7", lw=0.6, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("l2 radius eps (normalized pixels)")
+    ax.set_xlabel("pixel-l2 radius eps (pixels scaled to the unit interval)")
     ax.set_ylabel("certified accuracy")
-    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)

@@ -2,8 +2,11 @@
 
 Each of the four reshape bounds (docs/spectral.md Sec. 6), their minimum and the Gram
 iteration bound (Sec. 4) are checked against the exact norm of every spatial conv of the
-trained regular ResNet-20; then ResNet-20 is trained alike with and without the Fantastic
-Four penalty, and the networks' certified Lipschitz bounds and certified accuracy compared.
+trained regular ResNet-20; then a plain CNN without BatchNorm (:data:`PENALTY_MODEL`) is
+trained alike with and without the Fantastic Four penalty on every seed, and the networks'
+certified Lipschitz bounds and certified accuracy at pixel-l2 radii 0.1, 0.25 and 0.5 compared,
+paired over seeds. That the bounds are at or above the exact norm is a theorem: it is reported
+as a sanity check, not as the verdict.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import math
 import statistics
 import time
 
+import torch
 from torch import nn
 
+from ..evidence import combine, combine_some, compare
 from ..report import Report, Section
 from ..spectral import ConvSpec, certified_radii, fantastic_four_terms, norm_bracket, spectral_norm
 from ..spectral.network import layer_inputs
-from .certified import draw_certified, median_radius, radius_grid
+from .certified import PIXEL_EPS, cert_table, draw_certified
 from .context import Context, Run, eval_batches
 
-__all__ = ["CITATION", "CLAIM", "FF_BETA", "KEY", "TITLE", "section_fantastic_four"]
+__all__ = ["CITATION", "CLAIM", "FF_BETA", "KEY", "PENALTY_MODEL", "TITLE", "section_fantastic_four"]
 
 #: The report section this module writes, and the paper and claim it tests.
 KEY, TITLE = "fantastic4", "4. Fantastic Four bounds (Singla & Feizi)"
@@ -32,7 +37,12 @@ CLAIM = ("Four reshapes of a conv kernel give differentiable, certified upper bo
          "constant and improves certified robustness.")
 
 #: Weight of the Fantastic Four penalty (the sum of the conv layers' bounds) in the training loss.
-FF_BETA = 0.01
+FF_BETA = 0.03
+
+#: The network of the penalty experiment: the plain four-stage CNN without BatchNorm, whose certified
+#: bound is the product of its layers' (a free BatchNorm multiplies the bound by its unconstrained
+#: scales, and no certificate of a BatchNorm ResNet reaches a radius of a tenth of a pixel).
+PENALTY_MODEL = {"model": "simple_cnn", "model_kwargs": {"norm": False}}
 
 
 def _bound_rows(model: nn.Module, shape: tuple[int, int, int]) -> list[dict]:
@@ -56,61 +66,82 @@ def _bound_rows(model: nn.Module, shape: tuple[int, int, int]) -> list[dict]:
     return rows
 
 
-def _plot_ratios(sec: Section, rows: list[dict]) -> None:
+def _plot_ratios(sec: Section, rows: list[dict], title: str) -> None:
     def draw(ax):
-        ax.plot([r["min4_ratio"] for r in rows], marker="o", label="Fantastic Four (min of four) / exact")
-        ax.plot([r["gram_ratio"] for r in rows], marker="s", label="Gram iteration / exact")
+        xs = range(len(rows))
+        ax.plot(xs, [r["min4_ratio"] for r in rows], marker="o", ls="none",
+                label="Fantastic Four (min of four) / exact")
+        ax.plot(xs, [r["gram_ratio"] for r in rows], marker="s", ls="none", label="Gram iteration / exact")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel("conv layer (network order)")
+        ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=90, fontsize=6)
         ax.set_ylabel("bound / exact")
-        ax.legend()
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
 
-    sec.plot("ratios", draw, "Bound over exact norm per layer:")
+    sec.plot("ratios", draw, "Bound over exact norm per layer (dashed: exact):")
 
 
-def _penalty_table(ctx: Context, sec: Section, plain: Run, pen: Run) -> list[dict]:
-    """Certified Lipschitz bound, median certified radius and certified accuracy of the networks
-    trained without and with the penalty: the table, the plot and its rows."""
-    batches = eval_batches(ctx)
-    comp, radii, lips = [], {}, {}
-    for label, run in (("no penalty", plain), ("Fantastic Four penalty", pen)):
-        model = run.model.eval()
-        # the tighter of the global and the final Linear's pairwise certificates; L: the composition bound
-        radii[label], lips[label] = certified_radii(model, batches, method="fft")
-    eps_grid = radius_grid(list(radii.values()))
-    sec.data["certified_eps"] = eps_grid
-    for label, run in (("no penalty", plain), ("Fantastic Four penalty", pen)):
-        comp.append({"training": label, "beta": 0.0 if run is plain else FF_BETA, "test_acc": run.test_acc,
-                     "lipschitz_bound": lips[label], "median_radius": median_radius(radii[label]),
-                     **{f"cert@{e:g}": float((radii[label] > e).double().mean()) for e in eps_grid[1:]}})
-    sec.table("penalty", ["training", "beta", "test_acc", "lipschitz_bound", "median_radius"]
-              + [f"cert@{e:g}" for e in eps_grid[1:]],
-              comp, caption="ResNet-20 trained alike with and without the Fantastic Four penalty (the sum of the "
-                            "conv layers' bounds times beta); certified accuracy at l2 radius eps and the median "
-                            "certified radius, in normalized pixels (the larger of the Lipschitz-margin and the "
-                            "final Linear's pairwise certificate; radii chosen to span the models'):")
-    sec.plot("certified", lambda ax: draw_certified(ax, radii, lips),
-             "Certified accuracy against the l2 radius in normalized pixels, with and without the penalty:")
-    return comp
+def _certify(ctx: Context, runs: dict[str, list[Run]]) -> dict[str, list[dict]]:
+    """Per training and seed: the certified bound and every test image's certified pixel-l2 radius."""
+    out: dict[str, list[dict]] = {k: [] for k in runs}
+    for s in ctx.seeds:
+        batches = eval_batches(ctx, s)
+        std = ctx.dataset("test", s).std
+        for k, per in runs.items():
+            ctx.progress(f"certifying {k} (seed {s})")
+            radii, lip = certified_radii(per[s].model.eval(), batches, method="fft", input_scale=std)
+            out[k].append({"radii": radii, "lipschitz": lip, "acc": per[s].test_acc})
+    return out
 
 
 def section_fantastic_four(ctx: Context, report: Report) -> None:
     """Fantastic Four bounds (Singla & Feizi, ICLR 2021)."""
     sec = report.section(KEY, TITLE, claim=CLAIM, paper=CITATION)
-    plain = ctx.regular()
-    shape = ctx.input_shape(plain.model)
-    rows = _bound_rows(plain.model, shape)
+    first = ctx.regular(0)
+    rows = _bound_rows(first.model, ctx.input_shape(first.model))
     sec.table("bounds", ["layer", "exact", "R", "S", "T", "U", "min4", "gram", "min4_ratio", "gram_ratio", "f4_ms"],
               rows, caption="Each of the four bounds, their minimum and the Gram iteration bound against the exact "
-                            "norm, for every spatial conv of the regular ResNet-20 trained on the data:")
-    _plot_ratios(sec, rows)
+                            "norm, for every spatial conv of the first seed's regular ResNet-20:")
+    _plot_ratios(sec, rows, f"ResNet-20 on {ctx.data} (first seed): bounds over exact norm")
     valid = all(min(r["R"], r["S"], r["T"], r["U"]) >= r["exact"] * (1 - 1e-9) for r in rows)
     gm = math.exp(statistics.fmean(math.log(r["min4_ratio"]) for r in rows))
-    pen = ctx.train("resnet20_ff", model="resnet20", ff_beta=FF_BETA)
-    comp = _penalty_table(ctx, sec, plain, pen)
-    lower = comp[1]["lipschitz_bound"] < comp[0]["lipschitz_bound"]
-    sec.verdict(valid and lower, "Every one of the four bounds is at or above the exact norm on every layer: "
-                "{valid}; geometric mean of min-of-four over exact {gm}; the penalty lowers the network Lipschitz "
-                "bound: {lower} (accuracy change {dacc}; median certified radius {r0} without, {r1} with).",
-                valid=valid, gm=gm, lower=lower, dacc=comp[1]["test_acc"] - comp[0]["test_acc"],
-                r0=comp[0]["median_radius"], r1=comp[1]["median_radius"])
+    sec.fill("Sanity check (a theorem, not the claim): every one of the four bounds is at or above the exact norm "
+             "on every layer: {valid}; geometric mean of min-of-four over exact: {gm}.", valid=valid, gm=gm)
+
+    runs = {"no penalty": [ctx.train("plain_cnn", s, **PENALTY_MODEL) for s in ctx.seeds],
+            "Fantastic Four penalty": [ctx.train("plain_cnn_ff", s, ff_beta=FF_BETA, **PENALTY_MODEL)
+                                       for s in ctx.seeds]}
+    cert = _certify(ctx, runs)
+    radii = {k: torch.cat([p["radii"] for p in per]) for k, per in cert.items()}
+    cert_table(sec, radii, {k: [p["lipschitz"] for p in per] for k, per in cert.items()}, label="training")
+    b = ctx.budget
+    sec.plot("certified", lambda ax: draw_certified(ax, radii, title=f"plain CNN on {ctx.data}, {b.name} budget, "
+                                                                      f"{b.seeds} seeds pooled"),
+             "Certified accuracy against the pixel-l2 radius (pixels scaled to the unit interval), with and without "
+             "the penalty (dotted: the radii of the verdict):")
+    plain, pen = cert["no penalty"], cert["Fantastic Four penalty"]
+
+    def at(per: list[dict], eps: float) -> list[float]:
+        return [float((p["radii"] > eps).double().mean()) for p in per]
+
+    parts = [compare([math.log(p["lipschitz"]) for p in pen], [math.log(p["lipschitz"]) for p in plain], "less",
+                     what="log certified Lipschitz bound, penalty minus none (paired seeds)"),
+             *(compare(at(pen, e), at(plain, e), "greater",
+                       what=f"certified accuracy at pixel-l2 eps {e:g}, penalty minus none (paired seeds)")
+               for e in PIXEL_EPS)]
+    robust = combine_some(c.held for c in parts[1:])
+    acc = compare([p["acc"] for p in pen], [p["acc"] for p in plain], "greater",
+                  what="clean test accuracy, penalty minus none (paired seeds; for reference)")
+    sec.evidence("comparisons", [*parts, acc])
+    sec.verdict(combine([parts[0].held, robust]),
+                "The penalty changes the certified Lipschitz bound by a factor {ratio} ({lo} to {hi}): {v0}; "
+                "certified accuracy gained at pixel-l2 eps {e1}: {d1} ({lo1} to {hi1}), {v1}; at {e2}: {d2} "
+                "({lo2} to {hi2}), {v2}; at {e3}: {d3} ({lo3} to {hi3}), {v3}; certified robustness improved "
+                "(higher at some radius, lower at none): {vr}.",
+                ratio=math.exp(parts[0].mean), lo=math.exp(parts[0].lo), hi=math.exp(parts[0].hi),
+                v0=sec.word(parts[0].held), vr=sec.word(robust),
+                **{f"e{i}": e for i, e in enumerate(PIXEL_EPS, 1)},
+                **{f"{k}{i}": getattr(c, a) for i, c in enumerate(parts[1:], 1)
+                   for k, a in (("d", "mean"), ("lo", "lo"), ("hi", "hi"))},
+                **{f"v{i}": sec.word(c.held) for i, c in enumerate(parts[1:], 1)})
+

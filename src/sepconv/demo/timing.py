@@ -1,5 +1,5 @@
-"""What a network costs to run: the median time of a training step or a forward pass, and the
-memory a training step keeps (the Runkel and He sections' cost columns).
+"""What a network costs to train: the median time of a training step and the memory it keeps (the
+Runkel section's cost columns; the He section measures deployment latency with sepconv.deploy).
 
 Timings are medians of repeats after one warm-up call; they vary with the machine's load
 and are the only numbers of the demo that two runs do not reproduce exactly.
@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["forward_ms", "train_step_costs"]
+__all__ = ["train_step_costs"]
 
 
 def train_step_costs(models: dict[str, nn.Module], batch: tuple[Tensor, Tensor], repeats: int) -> dict[str, dict]:
     """Per model: the median seconds of one SGD step on ``batch`` (repeats interleaved across the
     models, so that the machine's drift affects all alike), the bytes autograd saves for the
-    backward pass (the activation memory of a step), and the bytes of persistent buffers.
+    backward pass (the activation memory of a step), and the bytes of persistent buffers; ``times``
+    holds every repeat's seconds (repeat ``i`` of two models are a pair).
     Measured on copies; the models are not changed."""
     steps, cost = {}, {}
     for name, model in models.items():
@@ -56,18 +57,5 @@ def train_step_costs(models: dict[str, nn.Module], batch: tuple[Tensor, Tensor],
             times[k].append(time.perf_counter() - t)
     for k in steps:
         cost[k]["step_s"] = statistics.median(times[k])
+        cost[k]["times"] = times[k]
     return cost
-
-
-def forward_ms(model: nn.Module, x: Tensor, repeats: int) -> float:
-    """Median milliseconds of one forward pass of ``model`` on ``x`` (eval mode, no autograd;
-    leaves the model in eval mode)."""
-    model.eval()
-    with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)

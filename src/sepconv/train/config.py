@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from .. import normalize
+from ..data.base import check_folds
 from ..errors import ConfigError
 from ..losses import LOSSES, canonical_loss, get_loss
 
@@ -35,6 +36,10 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None
     train_images: int | None = None  # train on the first N images of the train split only (None: all)
+    # cross-validation (sepconv.data.load_dataset): folds=K >= 2 trains on K-1 folds of the pooled train and test
+    # splits and tests on fold `fold` (0..K-1); folds=0: the dataset's own train/test split (fold must be 0)
+    folds: int = 0
+    fold: int = 0
     augment: bool = True
     epochs: int = 10
     batch_size: int = 32
@@ -113,6 +118,7 @@ class TrainConfig:
             bad(f"train_images must be a positive integer, got {self.train_images!r}")
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 1):
             bad(f"image_size must be a positive integer, got {self.image_size!r}")
+        check_folds(self.folds, self.fold)  # ConfigError: folds 0 or >= 2, fold in 0..folds-1
         if not (self.bsconv_alpha >= 0):
             bad(f"bsconv_alpha must be >= 0, got {self.bsconv_alpha!r}")
         # NB: read at call time, not import time: a method registered later is a valid choice

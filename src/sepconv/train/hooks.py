@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import orthonormal_penalty
-from ..normalize import frozen_state, spectral_normalize
-from ..spectral import ConvSpec, certified_radii, fantastic_four, lipschitz_bound
-from ..spectral.network import layer_inputs
+from ..losses import fantastic_four_penalty
+from ..normalize import spectral_normalize
+from ..spectral import certified_radii, lipschitz_bound
 from .config import TrainConfig
 from .device import _to_device
 
@@ -94,21 +94,16 @@ def _sn_prepare(cfg: TrainConfig, input_shape: tuple[int, int, int]) -> Callable
 
 
 def _fantastic_four_penalty(beta: float, input_shape: tuple[int, int, int]):
-    """``beta * sum_l F4(W_l)`` over the model's Conv2d layers: Singla & Feizi (ICLR 2021, arXiv
-    1911.10258, Sec. 5) penalize the sum of the layers' Fantastic Four bounds (differentiable).
-    The layers' geometries are recorded once, by a ``prepare`` hook (one dry forward pass)."""
-    convs: list[tuple[nn.Module, object]] = []
+    """``beta * sum_l F4(W_l)`` over the model's Conv2d layers (:func:`sepconv.losses.fantastic_four_penalty`),
+    its layers found once by a ``prepare`` hook."""
+    penalty: list[Callable[[], Tensor]] = []
 
     def record(model: nn.Module) -> nn.Module:
-        convs.clear()
-        for mod, shape in layer_inputs(model, input_shape, types=(nn.Conv2d,)).values():
-            if not isinstance(mod, nn.modules.conv._ConvTransposeNd):
-                convs.append((mod, ConvSpec.of(mod, shape[-2:])))
+        penalty[:] = [fantastic_four_penalty(model, input_shape)]
         return model
 
     def term(model: nn.Module) -> Tensor:
-        with frozen_state():  # the forward pass already advanced any spectral normalization's state
-            return beta * sum(fantastic_four(mod.weight, spec) for mod, spec in convs)
+        return beta * penalty[0]()
     return record, term
 
 

@@ -121,8 +121,10 @@ def _train_locked(cfg: TrainConfig, hooks: Hooks | None, resume: bool, force: bo
                   stop_after_epochs: int | None, log: bool | None, trust_code: bool, device: torch.device, d: _Dist,
                   out: Path, ckpt_path: Path) -> TrainResult:
     """:func:`train` once this process holds ``out`` (rank 0) or rank 0 holds it (the other ranks)."""
-    train_set = load_dataset(cfg.data, cfg.data_dir, split="train", image_size=cfg.image_size)
-    test_set = load_dataset(cfg.data, cfg.data_dir, split="test", image_size=cfg.image_size)
+    train_set = load_dataset(cfg.data, cfg.data_dir, split="train", image_size=cfg.image_size, folds=cfg.folds,
+                             fold=cfg.fold)
+    test_set = load_dataset(cfg.data, cfg.data_dir, split="test", image_size=cfg.image_size, folds=cfg.folds,
+                            fold=cfg.fold)
     input_shape = (train_set.in_chans, *train_set.image_size)
     if hooks is None:
         hooks = default_hooks(cfg, input_shape, test_set, device)
