@@ -69,10 +69,10 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
     budget = budget.with_seeds(seeds)
     quick = budget.quick
     resolve_device(device)  # bad input fails here, before any work
-    ctx_check = Context(out, budget, data, data_dir)
-    for s in ctx_check.seeds:
+    ctx = Context(out, budget, data, data_dir, device)
+    for s in ctx.seeds:
         for split in ("train", "test"):
-            ctx_check.dataset(split, s)
+            ctx.dataset(split, s)
     t0 = time.perf_counter()
     report = Report("sepconv demo: four papers' claims at small scale",
                     meta={"quick": quick, "data": data, "device": device, "budget": budget.__dict__,
@@ -81,9 +81,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, data: str = "digits"
     bar = None
     if progress:
         bar = tqdm(total=len(PAPERS), desc="demo", unit="section", dynamic_ncols=True, disable=None)
-    ctx = Context(out, budget, data, data_dir, device,
-                  progress=(lambda m: bar.set_postfix_str(m)) if bar is not None else (lambda m: None),
-                  bars=bar is not None)
+        ctx.progress, ctx.bars = bar.set_postfix_str, True
     if quick:
         report.run.text("**Quick mode**: tiny budgets (native 8x8 images, one epoch on part of the train split); "
                         "the numbers show the pipeline works, not what the papers claim, and no verdict is a "

@@ -29,7 +29,7 @@ from ..report import Report, Section
 from ..train import evaluate
 from .context import Context
 
-__all__ = ["CITATION", "CLAIM", "KEY", "TITLE", "VARIANTS", "section_he"]
+__all__ = ["CITATION", "CLAIM", "KEY", "PLATEAU_GAIN", "TITLE", "VARIANTS", "section_he"]
 
 #: The report section this module writes, and the paper and claim it tests.
 KEY, TITLE = "he", "2. Depth-wise decomposition of trained convolutions (He et al.)"
@@ -38,6 +38,9 @@ CITATION = ("He, Qian, Wang et al., Depth-wise Decomposition for Accelerating Se
 CLAIM = ("A trained regular CNN converted into a depthwise separable one by per-channel SVD (and its "
          "data-driven GSVD form), then fine-tuned, beats the same separable network trained from scratch "
          "and beats channel decomposition at equal FLOPs.")
+
+#: An arm is at a plateau when its last epoch gained less than this in test accuracy (mean over seeds).
+PLATEAU_GAIN = 0.01
 
 #: The rank-one conversions compared, as ``(to, method)`` of :func:`sepconv.decompose.convert`.
 VARIANTS = [("dsc", "svd"), ("dsc", "gsvd"), ("bsconv_u", "svd"), ("bsconv_u", "gsvd")]
@@ -178,6 +181,10 @@ def _networks_table(ctx: Context, sec: Section, arms: list[dict], shape) -> None
                             "the rank-one DSC.")
     sec.fill("latency_ms: median of one image's forward pass of the deployable form (eval, BatchNorm folded) in "
              "{runtime} on {threads} thread (sepconv.deploy.measure_latency).", runtime=runtime, threads=1)
+    rising = [r["network"] for r in rows if r["last_gain"] is not None and r["last_gain"] >= PLATEAU_GAIN]
+    sec.fill("Plateau check: arms whose last epoch still gained {tol} or more in test accuracy (mean over seeds), "
+             "so that longer training could change the comparison: {rising}.", tol=PLATEAU_GAIN,
+             rising=", ".join(rising) if rising else "none")
 
 
 def section_he(ctx: Context, report: Report) -> None:
