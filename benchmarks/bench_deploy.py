@@ -206,6 +206,34 @@ def _eager_ops(quick: bool) -> list[list[str]]:
     return rows
 
 
+#: The ResNet-20 variants whose modules have deploy forms (multiplier-m DSC, b-blueprint BSConv-U, the zoo's
+#: option-A shortcut and separable blocks), measured as built against their deploy forms.
+FORMS = [(f"dsc energy {ENERGY}", dict(to="dsc", energy=ENERGY)),
+         (f"bsconv_u energy {ENERGY}", dict(to="bsconv_u", energy=ENERGY)), ("zoo conv=dsc", "dsc")]
+
+
+def _forms(quick: bool) -> list[list[str]]:
+    """Each of :data:`FORMS` as built (eval, BatchNorm folded: ``deployable`` without an input shape) against
+    its deploy forms (``deployable`` with one), interleaved, per runtime and batch at 1 thread: medians and
+    the forms' latency ratio with its paired 95 % interval over the rounds."""
+    shape = (3, 16, 16) if quick else (3, 32, 32)
+    rows = []
+    for label, net in _variants("resnet20", shape, FORMS, quick).items():
+        built, forms = deployable(net), deployable(net, shape)
+        for batch in (1, 2) if quick else (1, 64):
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            with torch_threads(1):
+                for runtime in ("torch", "torch-cl", "onnxruntime"):
+                    lat = measure({"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)},
+                                  repeats=3 if quick else 30, warmup=2, max_seconds=5 if quick else 60)
+                    c = compare([math.log(t) for t in lat["forms"].samples],
+                                [math.log(t) for t in lat["built"].samples], "less")
+                    rows.append([label, str(batch), runtime, str(lat["built"]), str(lat["forms"]),
+                                 f"{lat['forms'].median / lat['built'].median:.2f} "
+                                 f"({math.exp(c.lo):.2f}-{math.exp(c.hi):.2f})"])
+    return rows
+
+
 def run(quick: bool) -> str:
     groups = [(n, (s[0], 16, 16) if quick else s, b, v[:3] if quick else v) for n, s, b, v in GROUPS]
     rows, where, results, notes = [], [], [], []
@@ -244,6 +272,18 @@ def run(quick: bool) -> str:
         f"interval of the latency ratio over the interleaved rounds lies above 1):** met by {len(eager_met)} of "
         f"{len(sep)}; the slowest: {worst_eager['model']} {worst_eager['variant']} at batch {worst_eager['batch']}, "
         f"{worst_eager['eager_ratio']:.2f}x.",
+        "",
+        "### Deploy forms against the modules as built (ResNet-20, 1 thread)",
+        "",
+        "The same network, BatchNorm folded, once as built and once with every module that has an exact deploy "
+        "form replaced by it (`sepconv.deploy.deployable` with the input shape): a multiplier-m DSC's depthwise "
+        "as m input copies into a multiplier-1 depthwise, a b-blueprint BSConv-U's grouped conv as a "
+        "multiplier-1 depthwise on bC channels and a slice sum, the option-A shortcut as a fixed strided 1x1 "
+        "conv. Median (quartiles) ms; ratio = forms / as built with its paired 95 % interval over the "
+        "interleaved rounds. The rows above all use the deploy forms.",
+        "",
+        md_table(["variant", "batch", "runtime", "as built ms", "deploy forms ms", "ratio (95 % interval)"],
+                 _forms(quick)),
         "",
         "### Where the time goes (ONNX Runtime, 1 thread, per-node profile)",
         "",

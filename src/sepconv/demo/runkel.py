@@ -104,7 +104,7 @@ def _methods_table(sec: Section, seeds: dict[str, list[dict]], costs: dict[str, 
                       "summed over seeds; lipschitz_bound the geometric mean over seeds.")
 
 
-def _plots(sec: Section, seeds: dict[str, list[dict]], title: str) -> None:
+def _plots(sec: Section, seeds: dict[str, list[dict]], radii: dict[str, torch.Tensor], title: str) -> None:
     """Per-layer norms by method (depthwise and pointwise marked apart, seeds' range as bars), and
     certified accuracy against the pixel radius (all folds pooled)."""
     layers = [r["layer"] for r in seeds["none"][0]["norms"]]
@@ -131,7 +131,6 @@ def _plots(sec: Section, seeds: dict[str, list[dict]], title: str) -> None:
     sec.plot("norms", draw_norms, "Exact norm of every depthwise (circles) and pointwise (squares) conv after "
                                   "training, by method: median over seeds, bars from the smallest to the largest "
                                   "(dashed: the target):")
-    radii = {k: torch.cat([p["radii"] for p in per]) for k, per in seeds.items()}
     sec.plot("certified", lambda ax: draw_certified(ax, radii, title=title),
              "Certified accuracy against the pixel-l2 radius (pixels scaled to the unit interval; every seed's test "
              "fold pooled; Lipschitz-margin and last-layer pairwise certificates with each network's certified "
@@ -154,7 +153,7 @@ def section_runkel(ctx: Context, report: Report) -> None:
     _methods_table(sec, seeds, costs)
     radii = {k: torch.cat([p["radii"] for p in per]) for k, per in seeds.items()}
     cert_table(sec, radii, {k: [p["lipschitz"] for p in per] for k, per in seeds.items()}, label="sn")
-    _plots(sec, seeds, f"MobileNetV2 (width {b.mobilenet_width:g}) on {ctx.data}, {b.name} budget, "
+    _plots(sec, seeds, radii, f"MobileNetV2 (width {b.mobilenet_width:g}) on {ctx.data}, {b.name} budget, "
                        f"{b.seeds} seed{'s' if b.seeds != 1 else ''}")
 
     log = lambda ts: [math.log(t) for t in ts]  # noqa: E731

@@ -7,11 +7,13 @@
 * :func:`fold_batchnorm` -- an eval-mode BatchNorm right after a convolution (or linear layer)
   is an affine map per channel, folded into that layer's weight and bias (Ioffe & Szegedy
   2015; Jacob et al. 2018, Sect. 3.2).
-* :func:`deployable` -- both, plus each module's own ``deploy_form`` (an equivalent module that
-  runtimes execute faster: ResNet's option-A shortcut as a fixed strided 1x1 conv, a separable
-  block without its identity children, a multiplier-m or b-blueprint block's grouped conv as a
-  multiplier-1 depthwise conv), on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
-  :func:`~sepconv.deploy.measure_latency` times.
+* :func:`deployable` -- both, plus each module's own ``deploy_form`` (an equivalent module:
+  ResNet's option-A shortcut as a fixed strided 1x1 conv, a separable block without its identity
+  children, a multiplier-m or b-blueprint block's grouped conv as a multiplier-1 depthwise conv),
+  on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
+  :func:`~sepconv.deploy.measure_latency` times. The forms help PyTorch eager, NCHW most (its
+  grouped-conv path is slow); ONNX Runtime runs both alike (BENCHMARKS.md, "Deploy forms against
+  the modules as built").
 """
 
 from __future__ import annotations
