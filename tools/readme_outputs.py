@@ -42,8 +42,7 @@ def parse(lines: list[str]) -> tuple[list[list[str]], list[Command]]:
     setups, commands = [], []
     i, n = 0, len(lines)
     while i < n:
-        for m in SETUP.finditer(lines[i]):
-            setups.append((i, shlex.split(m.group(1))))
+        setups += [shlex.split(m.group(1)) for m in SETUP.finditer(lines[i])]
         fence = FENCE.match(lines[i])
         if not fence:
             i += 1
@@ -58,7 +57,7 @@ def parse(lines: list[str]) -> tuple[list[list[str]], list[Command]]:
                 if argv and argv[0] == "sepconv":
                     commands.append(Command(k, dollars[a + 1] if a + 1 < len(dollars) else j, argv))
         i = j + 1
-    return [s for _, s in sorted(setups)], commands  # (setups all run first, in README order)
+    return setups, commands  # (the setups all run first, in README order)
 
 
 def run(argv: list[str], cwd: Path) -> str:

@@ -51,9 +51,8 @@ def oversubscription(threads: int, cores: int | None = None, load: float | None 
     """Why the machine is oversubscribed for work on ``threads`` threads, or ``None`` when it is not.
 
     Oversubscribed: the 1-minute load average (other runnable work, ``os.getloadavg``) plus our
-    threads exceeds the cores by one or more. On a 2-core machine two torch threads
-    beside one other busy process were measured 10-20x slower per training step than one thread
-    (sepconv issue 17), so the message suggests ``--threads``. ``cores`` and ``load`` default to
+    threads exceeds the cores by one or more: OpenMP threads then wait on each other at every
+    barrier while the other work holds a core, so the message suggests ``--threads``. ``cores`` and ``load`` default to
     the machine's (``os.cpu_count()``, ``os.getloadavg()[0]``); without a load average: ``None``."""
     cores = cores or os.cpu_count() or 1
     if load is None:

@@ -1,4 +1,4 @@
-"""No code path of the package grants ``trust_code`` on its own: every ``trust_code=`` in ``src`` passes
+"""No code path of the package grants ``trust_code`` on its own: every ``trust_code=`` in what ships passes
 the caller's value along -- a function's own ``trust_code`` parameter or the command line's
 ``--trust-code`` flag (``args.trust_code``). A literal ``True``, or a value read from anywhere else (a
 config file, a saved run), would let a model directory's config.json run code nobody asked for."""
@@ -6,7 +6,10 @@ config file, a saved run), would let a model directory's config.json run code no
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "sepconv"
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src" / "sepconv"
+#: everything that ships and runs: the package, the benchmarks and the tools
+SHIPPED = (SRC, ROOT / "benchmarks", ROOT / "tools")
 #: the loaders that take trust, and the positional index of their trust_code parameter
 LOADERS = {"load_model": 2, "build_from_config": 1, "model_from_spec": None, "build_model": 4, "train": 7}
 
@@ -20,11 +23,11 @@ def _passed_along(value: ast.expr) -> bool:
 
 def test_every_trust_code_in_the_package_is_the_callers_own():
     found, seen = [], 0
-    for path in sorted(SRC.rglob("*.py")):
+    for path in sorted(p for d in SHIPPED for p in d.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):
                 continue
-            where = f"{path.relative_to(SRC)}:{node.lineno}"
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
             for kw in node.keywords:
                 if kw.arg == "trust_code":
                     seen += 1

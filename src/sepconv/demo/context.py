@@ -111,6 +111,7 @@ class Context:
     progress: Callable[[str], None] = lambda msg: None
     runs: dict[tuple[str, int], Run] = field(default_factory=dict)
     bars: bool = False  # a progress bar for each training stage
+    datasets: dict[tuple[str, int], ImageDataset] = field(default_factory=dict, repr=False)  # by (split, seed)
 
     @property
     def seeds(self) -> range:
@@ -136,10 +137,13 @@ class Context:
         return self.train("resnet20_regular", seed, model="resnet20")
 
     def dataset(self, split: str, seed: int) -> ImageDataset:
-        """Split ``split`` of the data as seed ``seed`` sees it (its fold, when the budget has folds)."""
-        b = self.budget
-        return load_dataset(self.data, self.data_dir, split=split, image_size=b.image_size, folds=b.folds or None,
-                            fold=seed if b.folds else 0)
+        """Split ``split`` of the data as seed ``seed`` sees it (its fold, when the budget has folds);
+        loaded once per context, every section reads the same object."""
+        if (split, seed) not in self.datasets:
+            b = self.budget
+            self.datasets[split, seed] = load_dataset(self.data, self.data_dir, split=split, image_size=b.image_size,
+                                                      folds=b.folds or None, fold=seed if b.folds else 0)
+        return self.datasets[split, seed]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         """The ``(C, H, W)`` the demo feeds ``model``: the channels
