@@ -10,3 +10,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_brackets():
+    """Every test searches its brackets afresh: the engine remembers recent weights
+    (``sepconv.spectral.bracketing.RECENT``), which would let a test that patches a route reuse
+    another test's result instead of taking the route."""
+    from sepconv.spectral.bracketing import RECENT
+
+    RECENT.clear()
+    yield
+    RECENT.clear()

@@ -34,7 +34,7 @@ from . import __version__
 from . import decompose as _decompose  # noqa: F401  (registers the "convert" recipe op)
 from . import normalize as _normalize  # noqa: F401  (registers the "spectral_normalize" recipe op)
 from .deploy.export import export_onnx
-from .errors import ModelError, OutputError, SepconvError, WeightsError, one_line
+from .errors import ConfigError, ModelError, OutputError, SepconvError, WeightsError, one_line
 from .files import (  # re-exported: these lived here before sepconv.files
     TMP_PATTERN,
     atomic_path,
@@ -321,6 +321,9 @@ def model_from_spec(spec: str, *, num_classes: int | None = None, in_chans: int 
     :func:`build_from_config`), off by default."""
     p = Path(spec).expanduser()
     if p.is_dir():
+        if kwargs:
+            raise ConfigError(f"{spec}: a saved model directory is built from its config.json; constructor "
+                              f"arguments ({', '.join(sorted(kwargs))}) apply to registry names only")
         model = load_model(p, trust_code=trust_code)
     elif p.exists():
         raise WeightsError(f"{spec}: is a file, not a model directory (a directory holds {CONFIG_NAME} and "

@@ -22,6 +22,7 @@ from sepconv.errors import ConfigError, ResourceError
 from sepconv.spectral import (
     ConvSpec,
     bracket,
+    bracketing,
     exact_norm,
     fantastic_four,
     fft_bound,
@@ -162,6 +163,7 @@ def test_a_budget_too_small_for_the_dense_svd_takes_the_next_certified_route():
     dense = bracket(w, spec, tol=1e-8)
     assert dense.how == "dense"
     one = spec.operator_bytes(w, whole=True)
+    bracketing.RECENT.clear()  # else the bracket just searched is reused, with no memory at all
     other = bracket(w, spec, tol=1e-8, max_memory=one - 1)  # too small for the dense SVD
     assert other.how != "dense" and other.lower <= dense.upper and dense.lower <= other.upper
 

@@ -344,3 +344,18 @@ def test_certified_radii_are_margin_over_sqrt2_L_and_minus_inf_when_wrong():
     for eps in (0.0, 0.01, 0.1):
         cert = certified_accuracy(model, [(x, y)], eps, lipschitz=2.0)
         assert cert.accuracy == 0.75 and cert.certified == float((radii > eps).double().mean())
+
+
+def test_the_network_bounds_show_progress_over_their_layers_when_asked(capsys):
+    from sepconv.spectral import curvature_bound
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    quiet = lipschitz_bound(net, (1, 6, 6))
+    assert capsys.readouterr().err == ""
+    assert lipschitz_bound(net, (1, 6, 6), progress=True) == quiet
+    err = capsys.readouterr().err
+    assert "lipschitz_bound" in err and "/3 " in err  # conv+BN, conv, linear
+    curvature_bound(net, (1, 6, 6), progress=True)
+    assert "curvature_bound" in capsys.readouterr().err

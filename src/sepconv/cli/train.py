@@ -87,6 +87,9 @@ def add(sub) -> argparse.ArgumentParser:
     g.add_argument("--sn-batchnorm", action="store_true", help="also bound each BatchNorm's Lipschitz constant")
     g.add_argument("--ff-beta", type=nonneg_float, default=d.ff_beta, metavar="B",
                    help="add B * (sum of the convs' Fantastic Four bounds) to the loss (Singla & Feizi)")
+    g.add_argument("--curvature-beta", type=nonneg_float, default=d.curvature_beta, metavar="B",
+                   help="add B * log(the network's certified curvature bound from Fantastic Four norms) to the "
+                        "loss (Singla & Feizi; smooth activations, e.g. --model-arg act=elu)")
     g.add_argument("--certify", type=nonneg_float, nargs="+", default=[], metavar="EPS",
                    help="after each epoch, log the network Lipschitz bound and the certified accuracy "
                         "at these pixel-l2 radii (images scaled to [0, 1], before the data's normalization)")
@@ -129,7 +132,7 @@ def train_config(args) -> TrainConfig:
         channels_last=args.channels_last,
         seed=args.seed, device=args.device, bsconv_alpha=alpha,
         sn=args.sn, sn_target=args.sn_target, sn_mode=args.sn_mode, sn_batchnorm=args.sn_batchnorm,
-        ff_beta=args.ff_beta, certify=tuple(args.certify),
+        ff_beta=args.ff_beta, curvature_beta=args.curvature_beta, certify=tuple(args.certify),
         out=args.out or f"runs/{args.model if not args.init else 'init'}-{args.data}",
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import CONV_KINDS, make_spatial_conv
 from ._registry import register_model
 from ._util import check_bsconv_p
@@ -11,19 +12,26 @@ from ._util import check_bsconv_p
 __all__ = ["SimpleCNN", "simple_cnn"]
 
 
+#: ``act`` of :func:`simple_cnn`: ReLU, or a smooth activation (the curvature bound needs one:
+#: :func:`sepconv.spectral.curvature_bound`).
+ACTS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
 def _round(c: float) -> int:
     return max(1, int(round(c)))
 
 
 class SimpleCNN(nn.Module):
-    """Four conv-BN-ReLU stages (16, 32, 64, 128 channels x width), all but the first halving
+    """Four conv-BN-activation stages (16, 32, 64, 128 channels x width), all but the first halving
     the size, then global average pooling and a linear classifier. ``conv`` sets the flavour of the
-    3x3 convs (see :func:`sepconv.layers.make_spatial_conv`)."""
+    3x3 convs (see :func:`sepconv.layers.make_spatial_conv`), ``act`` the activation (:data:`ACTS`)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
                  channels: tuple[int, ...] = (16, 32, 64, 128), norm: bool = True, conv: str = "regular",
-                 bsconv_p: float = 0.25):
+                 bsconv_p: float = 0.25, act: str = "relu"):
         super().__init__()
+        if not isinstance(act, str) or act not in ACTS:
+            raise ConfigError(f"simple_cnn: act must be one of {', '.join(ACTS)}, got {act!r:.40}")
         layers: list[nn.Module] = []
         c_in = in_chans
         for i, c in enumerate(channels):
@@ -32,7 +40,7 @@ class SimpleCNN(nn.Module):
                                             bias=not norm, bsconv_p=bsconv_p))
             if norm:
                 layers.append(nn.BatchNorm2d(c))
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.ReLU(inplace=True) if act == "relu" else ACTS[act]())
             c_in = c
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -45,9 +53,9 @@ class SimpleCNN(nn.Module):
 
 @register_model(family="simple", convs=CONV_KINDS, input_size=(3, 32, 32))
 def simple_cnn(num_classes=1000, in_chans=3, conv="regular", width=1.0, channels=(16, 32, 64, 128),
-               norm=True, bsconv_p=None):
+               norm=True, bsconv_p=None, act="relu"):
     """Small CNN (4 conv stages + linear). ``norm=False`` drops BatchNorm. Every 3x3 conv,
     the first included, takes the ``conv`` flavour; ``bsconv_p`` (default 0.25) sets p of
-    ``conv="bsconv_s"``."""
+    ``conv="bsconv_s"``; ``act`` is ``relu`` (default) or a smooth activation of :data:`ACTS`."""
     return SimpleCNN(num_classes=num_classes, in_chans=in_chans, width=width, channels=tuple(channels),
-                     norm=norm, conv=conv, bsconv_p=check_bsconv_p(conv, bsconv_p))
+                     norm=norm, conv=conv, bsconv_p=check_bsconv_p(conv, bsconv_p), act=act)

@@ -31,6 +31,7 @@ and :func:`spectral_norm`, :func:`analyze`, :func:`lipschitz_bound`,
 from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, majorant_kernel, reshape_norm
 from .certificates import Certificate, certified_accuracy, certified_radii, margin_radii, pairwise_radii
 from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
+from .curvature import curvature_bound, curvature_penalty
 from .exact import (
     Bracket,
     bracket,
@@ -67,6 +68,8 @@ __all__ = [
     "certified_radii",
     "chain_norm",
     "circulant_norm",
+    "curvature_bound",
+    "curvature_penalty",
     "depthwise_channel_norms",
     "depthwise_norm",
     "depthwise_norms",

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ..errors import ResourceError
 from . import bounds, certify, fourier, iterative, validate
-from .spec import ConvSpec
+from .spec import ConvSpec, norm_of_padding, tap_sources_1d
 
 __all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "DENSE_FLOPS", "Bracket", "bracket_args", "check_problem",
-           "circulant_problem", "outward", "solve"]
+           "RECENT", "RECENT_BYTES", "circulant_problem", "is_pointwise", "outward", "solve"]
 
 #: Dense SVD of the operator when ``rows * cols * min(rows, cols)`` is at most this.
 DENSE_FLOPS = 3e9
@@ -37,7 +37,7 @@ CERTIFICATE_BYTES = 1.5e9
 @dataclass
 class Bracket:
     """``lower <= sigma_max <= upper`` (certified); ``how`` names what certified the upper end
-    (``circulant``, ``dense``, ``cholesky``, ``majorant``, ``fantastic4``); ``vector`` the
+    (``pointwise``, ``circulant``, ``dense``, ``cholesky``, ``majorant``, ``fantastic4``); ``vector`` the
     estimated top right singular vector ``(C_in, H, W)`` where an iteration produced one;
     ``freq`` and ``group`` the maximising frequency block (circulant) or group (grouped dense SVDs)."""
 
@@ -74,14 +74,102 @@ def bracket_args(where: str, tol, max_iter, certificate_flops, dense_flops, seed
             validate.count(seed, where, "seed", 0, 2**63 - 1), validate.budget(max_memory))
 
 
+#: Bytes of weights :func:`solve` keeps to recognise a multiple of a weight it solved (:class:`_Recent`).
+RECENT_BYTES = 64 * 2**20
+
+
+class _Recent:
+    """The brackets of the last weights :func:`solve` searched, by geometry and arguments: a weight
+    ``w' = r w + E`` close to a multiple of a kept ``w`` gets ``|r| [lower, upper]`` widened by
+    ``delta = ||pad|| sum_taps ||E_tap||_F >= ||T(E)||`` (each tap is a selection of the padded input
+    times ``E_tap``; a grouped ``E_tap`` is block-diagonal, of norm at most its Frobenius norm), used
+    when ``delta <= 1e-10 |r| upper`` -- certified, the same bracket up to rounding. Kept by
+    geometry, shape and ``tol``; a bracket searched with a lower end also serves a request without
+    one (its upper end is at least as tight), the route limits (``max_iter``, flops, memory) only
+    chose how it was found. It spares
+    :func:`~sepconv.spectral.lipschitz_bound` the search ``analyze`` just did where a conv's chain
+    is the conv itself, or the conv times a uniform BatchNorm scale (a default-initialised network),
+    and the curvature and Lipschitz bounds of one model each other's. Keeps copies of at most
+    :data:`RECENT_BYTES` bytes of weights, oldest dropped first; a bracket without a lower end (no
+    search was run) is not kept."""
+
+    def __init__(self):
+        self.entries: dict[tuple, list[tuple[Tensor, bool, Bracket]]] = {}
+        self.nbytes = 0
+
+    def get(self, key: tuple, w64: Tensor, spec: ConvSpec, ks: tuple[int, int], lower: bool) -> Bracket | None:
+        for kept, searched_lower, br in reversed(self.entries.get(key, [])):
+            if lower and not searched_lower:
+                continue
+            w = kept.to(torch.float64)
+            if torch.equal(w, w64):
+                return br
+            norm2 = float((w * w).sum())
+            if norm2 == 0:
+                continue
+            r = float((w64 * w).sum()) / norm2
+            delta = (float((w64 - r * w).square().sum((0, 1)).sqrt().sum()) * norm_of_padding(spec, ks)
+                     * (1 + 1e-12))
+            if delta <= 1e-10 * abs(r) * br.upper:
+                eps = 4 * torch.finfo(torch.float64).eps
+                lo, up = (abs(r) * br.lower - delta) * (1 - eps), (abs(r) * br.upper + delta) * (1 + eps)
+                return Bracket(max(0.0, lo), up, br.how, br.vector, br.freq, br.group)
+        return None
+
+    def put(self, key: tuple, weight: Tensor, lower: bool, br: Bracket) -> None:
+        kept = weight.detach().clone()
+        size = kept.numel() * kept.element_size()
+        if size > RECENT_BYTES:
+            return
+        self.entries.setdefault(key, []).append((kept, lower, br))
+        self.nbytes += size
+        while self.nbytes > RECENT_BYTES:  # dicts keep insertion order: the oldest key first
+            old = next(iter(self.entries))
+            w = self.entries[old].pop(0)[0]
+            self.nbytes -= w.numel() * w.element_size()
+            if not self.entries[old]:
+                del self.entries[old]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+
+RECENT = _Recent()
+
+
 def solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_iter: int, certificate_flops: float,
-             dense_flops: float, seed: int, limit: float, lower: bool = True, split: bool = True) -> Bracket:
+          dense_flops: float, seed: int, limit: float, lower: bool = True, split: bool = True) -> Bracket:
     """:func:`bracket` on validated arguments (``limit``: the memory budget in bytes; ``split``:
-    whether a grouped conv may be solved group by group)."""
+    whether a grouped conv may be solved group by group). Searches (everything but the closed
+    forms: 1x1, circulant) are remembered for a multiple of the same weight (:class:`_Recent`)."""
+    if is_pointwise(spec, ks) or spec.is_circulant(ks):
+        return _solve(weight, spec, ks, tol, max_iter, certificate_flops, dense_flops, seed, limit, lower, split)
+    key = (spec, tuple(weight.shape), str(weight.device), tol, split)
+    br = RECENT.get(key, weight.detach().to(torch.float64), spec, ks, lower)
+    if br is None:
+        br = _solve(weight, spec, ks, tol, max_iter, certificate_flops, dense_flops, seed, limit, lower, split)
+        if br.lower > 0:  # a search (an upper end alone is a bound's value: cheap, not worth the memory)
+            RECENT.put(key, weight, lower, br)
+    return br
+
+
+def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_iter: int, certificate_flops: float,
+           dense_flops: float, seed: int, limit: float, lower: bool = True, split: bool = True) -> Bracket:
+    """The search of :func:`solve`."""
     # NB: one function on purpose (~85 lines): the routes -- circulant, grouped, dense SVD, LOBPCG and
     # the certificate -- are tried in order of cost and share the upper end found so far; split up,
     # that state would travel through every helper's arguments.
     w64 = weight.detach().to(torch.float64)
+    if is_pointwise(spec, ks):
+        g = spec.groups
+        mats = w64.reshape(g, w64.shape[0] // g, w64.shape[1])
+        with fourier.lapack_threads():
+            per_group = torch.linalg.svdvals(mats)[:, 0]
+        gi = int(per_group.argmax())
+        s = float(per_group[gi])
+        margin = 4 * max(mats.shape[1:]) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
+        return Bracket(s * (1 - margin), s * (1 + margin), "pointwise", group=gi if g > 1 else None)
     if spec.is_circulant(ks):
         kernel, grid = circulant_problem(w64, spec)
         try:
@@ -108,13 +196,17 @@ def solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_i
     f4 = float(bounds.fantastic_four(w64, spec))
     if f4 < upper:
         upper, how = f4, "fantastic4"
+    vector = min(w64.shape[0] // spec.groups, w64.shape[1]) == 1  # depthwise-like: nearly exact group bounds
+    if (spec.groups > 1 and split and not vector and lower
+            and _whole_is_cheaper(w64, spec, ks, certificate_flops, limit)):
+        split = False  # matrix blocks: the certified search on the whole block-diagonal operator is cheaper
     if spec.groups > 1 and split:  # block-diagonal: group by group, never the whole operator's SVD
         bound = bounds._fantastic_four_groups(w64, spec).min(0).values  # certified, per group
         if kernel is not None and min(kernel.shape[1], kernel.shape[2]) == 1:  # vector blocks: each group's majorant
             power = fourier.vector_block_power(kernel, sub).amax((-2, -1))
             bound = torch.minimum(bound, maj.factor * (power * (1 + 16 * torch.finfo(torch.float64).eps)).sqrt())
         br = _grouped_dense_bracket(w64, spec, ks, upper, bound, dense_flops, limit)
-        if br is None and lower:
+        if br is None:  # with or without a lower end asked: the groups' own searches are the cheap route
             br = _grouped_iterative_bracket(w64, spec, ks, upper, bound, tol, max_iter, certificate_flops,
                                             dense_flops, seed, limit)
         if br is not None:
@@ -161,6 +253,21 @@ def solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_i
             ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
             lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
     return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
+
+
+def is_pointwise(spec: ConvSpec, ks: tuple[int, int]) -> bool:
+    """True when the operator is ``S (x) W``: a 1x1 kernel whose padding, if any, is zeros (a
+    reflected, replicated or wrapped pixel would be read twice), ``S`` selecting the input pixels
+    the outputs read (any stride; rows of the identity, zero rows where an output reads padding).
+    Then ``||T|| = ||S|| ||W||_2 = ||W||_2`` -- **exact**, one SVD of the ``C_out x C_in`` matrix (per
+    group) -- provided some output reads an input pixel (``||S|| = 1``; else ``T = 0``, left to the
+    other routes)."""
+    if tuple(ks) != (1, 1) or (spec.padding_mode != "zeros" and any(spec.pads(ks))):
+        return False
+    t, b, l, r = spec.pads(ks)
+    reads = [tap_sources_1d(n, 1, st, 1, lo, hi, "zeros") for n, st, lo, hi in
+             ((spec.in_size[0], spec.stride[0], t, b), (spec.in_size[1], spec.stride[1], l, r))]
+    return all(bool((src >= 0).any()) for src in reads)
 
 
 def _check_lower_end(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], dense_flops: float, limit: float) -> None:
@@ -210,6 +317,30 @@ def _grouped_iterative_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int],
     rest = [float(bound[i]) for i in order if i not in done]
     up = max([up] + rest)  # the unsolved groups are certified below lo <= up
     return Bracket(lo, max(lo, min(upper, up)), how, vec, group=grp)
+
+
+#: Per-group dense SVDs of at most this many flops (all groups) are always taken: exact, and cheap.
+GROUPED_DENSE_ALWAYS = 1e8
+
+
+def _whole_is_cheaper(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], certificate_flops: float,
+                      limit: float) -> bool:
+    """Cost-based dispatch for a grouped conv with matrix blocks (``C_in/g, C_out/g > 1``): its
+    groups' Fantastic Four bounds are loose, so the per-group dense SVDs visit most groups, ``g
+    (8/3) rows cols min(rows, cols)`` flops; the whole operator's search costs its banded Cholesky
+    certificate (:func:`~.certify.certificate_cost`, small blocks ``C_in/g W``) plus LOBPCG, about
+    30 iterations of 6 vectors at ``4 |w| H_out W_out`` flops each. The whole when affordable and at
+    least 2x cheaper (measured: 64->64, 8 groups, 8x8), never below :data:`GROUPED_DENSE_ALWAYS`."""
+    g = spec.groups
+    out = math.prod(spec.out_size(ks))
+    rows, cols = (w64.shape[0] // g) * out, w64.shape[1] * math.prod(spec.in_size)
+    dense = g * 8 / 3 * rows * cols * min(rows, cols)
+    if dense <= GROUPED_DENSE_ALWAYS:
+        return False
+    flops, nbytes = certify.certificate_cost(w64, spec)
+    if flops > certificate_flops or nbytes > min(CERTIFICATE_BYTES, limit):
+        return False
+    return 2 * (flops + 30 * 6 * 4 * w64.numel() * out) < dense
 
 
 def _grouped_dense_bracket(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], upper: float, bound: Tensor,

@@ -31,14 +31,17 @@ from .spec import ConvSpec
 __all__ = ["batchnorm_lipschitz", "batchnorm_scale", "chain_norm", "is_unpadded_1x1", "linear_norm", "merge_chain"]
 
 
-def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm, name: str = "") -> Tensor:
+def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm, name: str = "", detach: bool = True) -> Tensor:
     """Per-channel slope ``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (exact).
     Refuses (naming the layer ``name``) statistics without a linear map: none recorded, NaN/Inf,
-    or ``running_var + eps <= 0`` (a variance is never negative)."""
+    or ``running_var + eps <= 0`` (a variance is never negative). ``detach=False`` keeps the
+    gradient to ``gamma`` and leaves NaN/Inf to the caller (a training loss reports divergence)."""
     what = f"{type(bn).__name__}{f' {name!r}' if name else ''}"
     if bn.running_var is None:
         raise UnsupportedLayerError(f"{what} without running statistics has no fixed linear map")
     var = bn.running_var.detach() + bn.eps
+    if not detach:
+        return torch.rsqrt(var) * (1 if bn.weight is None else bn.weight)
     if not bool(torch.isfinite(var).all()) or (bn.weight is not None and not bool(torch.isfinite(bn.weight).all())):
         raise ConfigError(f"{what}: running_var or weight holds NaN or Inf values")
     if not bool((var > 0).all()):
@@ -79,7 +82,7 @@ def is_unpadded_1x1(conv: nn.Conv2d) -> bool:
     return tuple(conv.kernel_size) == (1, 1) and (conv.padding in ("valid", (0, 0)) or conv.padding == "same")
 
 
-def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int]) -> tuple[Tensor, ConvSpec]:
+def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int], detach: bool = True) -> tuple[Tensor, ConvSpec]:
     """One convolution ``(weight, spec)`` equal to the linear part of ``modules`` applied in order.
 
     ``modules`` are ``nn.Conv2d`` (at most one of them spatial -- a kernel larger than 1x1 or
@@ -87,6 +90,8 @@ def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int]) -> tuple[T
     (identity in eval mode). **Exact**: the merged
     layer computes the same linear map (biases and BatchNorm shifts dropped), on inputs of
     ``in_size``. Raises :class:`~sepconv.errors.UnsupportedLayerError` for anything else.
+    The merged weight is a float64 copy (the precision every certified method computes in);
+    ``detach=False`` keeps it in the layers' dtype, differentiable in their weights.
     """
     weight: Tensor | None = None  # merged so far, with its groups
     groups = 1
@@ -96,7 +101,7 @@ def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int]) -> tuple[T
         if isinstance(mod, (nn.Identity, nn.Dropout, nn.Dropout2d)):
             continue
         if isinstance(mod, nn.BatchNorm2d):
-            s = batchnorm_scale(mod)
+            s = batchnorm_scale(mod, detach=detach)
             if weight is None:
                 in_scale = s if in_scale is None else in_scale * s
             else:
@@ -104,7 +109,7 @@ def merge_chain(modules: Sequence[nn.Module], in_size: Sequence[int]) -> tuple[T
             continue
         if not isinstance(mod, nn.Conv2d) or isinstance(mod, nn.modules.conv._ConvTransposeNd):
             raise UnsupportedLayerError(f"merge_chain: cannot merge {type(mod).__name__} into a convolution")
-        w = mod.weight.detach()
+        w = mod.weight.detach().to(torch.float64) if detach else mod.weight
         pointwise = is_unpadded_1x1(mod)
         if weight is None:
             weight, groups = w, mod.groups

@@ -32,6 +32,7 @@ from .bracketing import (
     bracket_args,
     check_problem,
     circulant_problem,
+    is_pointwise,
     outward,
     solve,
 )
@@ -199,10 +200,13 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
             seed: int = 0, lower: bool = True, max_memory: float | None = None) -> Bracket:
     """Certified ``lower <= sigma_max(T) <= upper`` for any geometry, aiming at ``upper/lower <= 1 + tol``.
 
-    Circulant: exact (both ends within ``tol``). Grouped convs (depthwise included) are
+    Circulant: exact (both ends within ``tol``). A 1x1 conv with zero padding, any stride: exact,
+    ``||W||_2`` by one SVD (:func:`~.bracketing.is_pointwise`). Grouped convs (depthwise included) are
     block-diagonal, ``sigma = max_g sigma(T_g)``: small groups are solved by dense SVDs, in the
     order of their certified Fantastic Four bounds, until no remaining group can hold the
-    maximum (the maximising group is recorded in ``group``). Small operators: a dense SVD.
+    maximum (the maximising group is recorded in ``group``), or, where that would cost more than
+    the whole operator's certified search (matrix blocks, by a flop estimate:
+    :func:`~.bracketing._whole_is_cheaper`), by that search. Small operators: a dense SVD.
     Otherwise block LOBPCG until the top residual is ``<= tol/10`` relative (the *residual
     rule*: an eigenvalue of ``T^T T`` lies that close to the top Ritz value), then the upper end
     is the smallest of the circulant majorant, Fantastic Four, and -- if affordable -- the banded
@@ -229,19 +233,24 @@ def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int 
                max_memory: float | None = None) -> Tensor:
     """The largest singular value of the map ``nn.Conv2d`` computes at ``spec.in_size``, within ``tol``.
 
-    **Exact** and certified for circulant geometries (:func:`circulant_norm`) and small
-    operators (dense SVD; for a grouped or depthwise conv the SVD of the maximising group's
-    block only, found by :func:`bracket` -- the norm of a block-diagonal operator is the max
-    over its blocks). Elsewhere the value is the lower end of :func:`bracket`: a Rayleigh
-    quotient of the converged top Ritz vector, exact to ``tol`` under the residual rule, and
-    *certified* to ``tol`` when the banded Cholesky certificate fits the budget
-    (``norm_bracket`` reports the guaranteed interval in every case). Differentiable: the
-    gradient is that of ``||T v||`` at the (fixed) top singular vector ``v``. Half/bfloat16
-    weights are computed in float32 (the result is float32). Memory stays within ``max_memory``
-    bytes (default 2 GiB; see :func:`bracket`).
+    **Exact** and certified for circulant geometries (:func:`circulant_norm`), 1x1 convs with
+    zero padding at any stride (``||W||_2``, the max over groups) and small operators (dense SVD;
+    for a grouped or depthwise conv the SVD of the maximising group's block only, found by
+    :func:`bracket` -- the norm of a block-diagonal operator is the max over its blocks).
+    Elsewhere the value is the lower end of :func:`bracket`: a Rayleigh quotient of the converged
+    top Ritz vector, exact to ``tol`` under the residual rule, and *certified* to ``tol`` when the
+    banded Cholesky certificate fits the budget (``norm_bracket`` reports the guaranteed interval
+    in every case). Differentiable: the gradient is that of ``||T v||`` at the (fixed) top singular
+    vector ``v``. Half/bfloat16 weights are computed in float32 (the result is float32). Memory
+    stays within ``max_memory`` bytes (default 2 GiB; see :func:`bracket`).
     """
     weight, ks = validate.conv_weight(weight, spec, "exact_norm")
     args = bracket_args("exact_norm", tol, max_iter, certificate_flops, dense_flops, 0, max_memory)
+    if is_pointwise(spec, ks):  # a 1x1 conv, zero padding, any stride: ||W||_2, the max over groups
+        g = spec.groups
+        mats = weight.to(torch.float64).reshape(g, weight.shape[0] // g, weight.shape[1])
+        with fourier.lapack_threads():
+            return torch.linalg.matrix_norm(mats, ord=2).max().to(weight.dtype)
     if spec.is_circulant(ks):
         return circulant_norm(weight, spec, args[0], max_memory=args[-1])
     br = solve(weight, spec, ks, *args)

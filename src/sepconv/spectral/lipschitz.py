@@ -32,6 +32,7 @@ naming it -- never a silent 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..errors import ConfigError, SepconvError, UnsupportedLayerError
 from ..probe import LayerStack, check_forward_memory, input_dtype
@@ -153,6 +155,8 @@ class _Ctx:
     tol: float
     input_bound: float | None
     max_memory: float | None = None
+    where: str = "lipschitz_bound"  # the public function, named in errors
+    progress: bool = False  # a progress bar over the layers bounded (stderr)
 
 
 
@@ -165,7 +169,7 @@ class _Propagator:
         self.ctx = ctx
         dtype, device = input_dtype(model)
         x = torch.zeros(1, *input_shape, dtype=dtype, device=device)
-        with LayerStack(self.gm, "lipschitz_bound", input_shape) as names, torch.no_grad():
+        with LayerStack(self.gm, ctx.where, input_shape) as names, torch.no_grad():
             self.rec = _Recorder(self.gm, names)
             self.rec.run(x)
         self.L: dict[torch.fx.Node, float] = {}
@@ -193,11 +197,15 @@ class _Propagator:
                 self.interior.add(prev)
             self.chain_of[n] = chain
 
+    def tick(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.update()
+
     def hw(self, n: torch.fx.Node) -> tuple[int, int]:
         return tuple(self.rec.shape[n][-2:])  # type: ignore[return-value]
 
     def fail(self, n: torch.fx.Node, what: str, why: str = "no Lipschitz rule") -> UnsupportedLayerError:
-        return UnsupportedLayerError(f"lipschitz_bound: cannot bound {what} (node {n.name!r}): {why}")
+        return UnsupportedLayerError(f"{self.ctx.where}: cannot bound {what} (node {n.name!r}): {why}")
 
     # ---------------------------------------------------------------- norms
 
@@ -208,7 +216,11 @@ class _Propagator:
         try:
             return float(method.fn(w, spec, **method.caller_options(self.ctx.tol, self.ctx.max_memory)))
         except SepconvError as e:
-            raise type(e)(f"lipschitz_bound: layer {layer!r} ({spec.describe(weight.shape[-2:])}): {e}") from None
+            raise type(e)(f"{self.ctx.where}: layer {layer!r} ({spec.describe(weight.shape[-2:])}): {e}") from None
+
+    def matrix_norm(self, weight: Tensor) -> float:
+        """``||W||_2`` of a fully connected layer (float64 SVD, rounded up by a relative 1e-12)."""
+        return float(torch.linalg.svdvals(weight.detach().to(torch.float64))[0]) * (1 + 1e-12)
 
     def chain_factor(self, chain: list[torch.fx.Node]) -> tuple[float, str]:
         mods = [self.modules[c.target] for c in chain]
@@ -218,7 +230,7 @@ class _Propagator:
             try:
                 weight, spec = composite.merge_chain(mods, self.hw(chain[0].args[0]))
             except SepconvError as e:
-                raise type(e)(f"lipschitz_bound: layer {layer!r}: {e}") from None
+                raise type(e)(f"{self.ctx.where}: layer {layer!r}: {e}") from None
             return self.conv_norm(weight, spec, layer), names
         scale = torch.ones((), dtype=torch.float64)
         for m in mods:
@@ -250,8 +262,23 @@ class _Propagator:
         self.bounded_range: dict[torch.fx.Node, float] = {}
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise UnsupportedLayerError("lipschitz_bound: the model must take one input tensor, "
+            raise UnsupportedLayerError(f"{self.ctx.where}: the model must take one input tensor, "
                                         f"it takes {len(placeholders)}")
+        bar = None
+        if self.ctx.progress:
+            layers = [n for n in self.chain_of if n not in self.interior]
+            layers += [n for n in self.gm.graph.nodes if n.op == "call_module" and n not in self.chain_of
+                       and isinstance(self.modules[n.target], nn.Linear)]
+            bar = tqdm(total=len(layers), desc=self.ctx.where, unit="layer", leave=False)
+        self.bar = bar
+        try:
+            return self._walk()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.bar = None
+
+    def _walk(self) -> float:
         out = 0.0
         for n in self.gm.graph.nodes:
             if n in self.interior:
@@ -265,7 +292,7 @@ class _Propagator:
                 if isinstance(res, torch.fx.Node):
                     out = self.L[res]
                 elif isinstance(res, (tuple, list)) and all(isinstance(r, torch.fx.Node) for r in res):
-                    out = math.sqrt(sum(self.L[r] ** 2 for r in res))
+                    out = sum(self.L[r] ** 2 for r in res) ** 0.5
                 else:
                     raise self.fail(n, "the model output", "expected a tensor or a tuple of tensors")
             elif n.op == "call_module":
@@ -280,12 +307,14 @@ class _Propagator:
         if n in self.chain_of:
             chain = self.chain_of[n]
             factor, what = self.chain_factor(chain)
+            self.tick()
             self.records.append((".".join(str(c.target) for c in chain), what, factor))
             return self.arg_L(chain[0].args[0]) * factor
         x = n.args[0] if n.args else None
         Lx = self.arg_L(x)
         if isinstance(mod, nn.Linear):
-            factor = float(torch.linalg.svdvals(mod.weight.detach().to(torch.float64))[0]) * (1 + 1e-12)
+            factor = self.matrix_norm(mod.weight)
+            self.tick()
             self.records.append((str(n.target), "Linear", factor))
             return Lx * factor
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -360,7 +389,7 @@ class _Propagator:
             return self.arg_L(a) * math.sqrt(self.rep(a, n) if isinstance(a, torch.fx.Node) else 1) / denom
         if t in CAT_OPS:
             parts = args[0] if args else n.kwargs.get("tensors")
-            return math.sqrt(sum(self.arg_L(a) ** 2 for a in parts))
+            return sum(self.arg_L(a) ** 2 for a in parts) ** 0.5
         if t is operator.getitem:
             if isinstance(x, torch.fx.Node) and x not in self.rec.shape:  # element of chunk/split
                 return self.arg_L(x)
@@ -394,7 +423,7 @@ class _Propagator:
             if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
                 raise self.fail(n, what, "the weight is not a fixed parameter")
             weight = self.gm.get_parameter(w.target) if "." in w.target or hasattr(self.gm, w.target) else None
-            return self.arg_L(x) * float(torch.linalg.svdvals(weight.detach().to(torch.float64))[0]) * (1 + 1e-12)
+            return self.arg_L(x) * self.matrix_norm(weight)
         raise self.fail(n, what)
 
     def _product(self, n: torch.fx.Node, a, b) -> float:
@@ -420,7 +449,7 @@ class _Propagator:
 
 
 def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = "upper", tol: float = 1e-3,
-                    input_bound: float | None = None, max_memory: float | None = None) -> float:
+                    input_bound: float | None = None, max_memory: float | None = None, progress: bool = False) -> float:
     """A **certified upper bound** on the Lipschitz constant of ``model`` (l2, one sample of
     ``input_shape = (C, H, W)``), in eval mode, by propagation over its ``torch.fx`` graph: the
     composition bound of Szegedy et al. 2014 (arXiv 1312.6199, Sec. 4.3) with the refinements
@@ -440,9 +469,25 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = 
     ``0 < tol < 1``, the method, a finite ``input_bound > 0``, finite weights and BatchNorm
     statistics in every layer (:func:`sepconv.guard.check_finite`); the dry forward pass is
     estimated on the meta device and refused above ``max_memory`` bytes (default 2 GiB), which
-    also bounds each layer's computation.
+    also bounds each layer's computation. ``progress=True`` shows a bar over the layers (stderr).
+    A conv whose bracket was just searched (by :func:`~sepconv.spectral.analyze` at the same
+    ``tol``, say) is not searched again, nor is a multiple of it (a conv times a uniform BatchNorm
+    scale): :class:`sepconv.spectral.bracketing._Recent`.
     """
-    where = "lipschitz_bound"
+    with evaluating(model):
+        L = propagator(model, input_shape, method, tol, input_bound, max_memory, "lipschitz_bound",
+                       progress=progress).run()
+    validate.finite_result(L, "lipschitz_bound")
+    return L
+
+
+def propagator(model: nn.Module, input_shape: Sequence[int], method: str, tol: float, input_bound: float | None,
+               max_memory: float | None, where: str, cls: type[_Propagator] | None = None,
+               progress: bool = False) -> _Propagator:
+    """The validated arguments of :func:`lipschitz_bound` (as ``where``) and a propagator of class
+    ``cls`` on the traced model, its shapes recorded by one pass on zeros; nothing bounded yet.
+    Call it and bound inside :func:`evaluating` (a parametrized weight may change when read in
+    training mode)."""
     validate.model(model, where)
     shape = validate.shape(input_shape, where, dims=(3, 4))[-3:]
     certified = method_names(kind="certified")
@@ -452,14 +497,22 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = 
     if input_bound is not None:
         input_bound = validate.positive(input_bound, where, "input_bound")
     validate.budget(max_memory)
+    # copies: the activations plus the float64 copy of each node's value (the recorder's norms)
+    check_forward_memory(model, shape, where, validate.budget(max_memory), copies=3.0)
+    ctx = _Ctx(get_method(method, where), tol, input_bound, max_memory, where, bool(progress))
+    return (cls or _Propagator)(model, shape, ctx)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode inside the block, its train/eval mode restored afterwards (anything
+    else passes through, for :func:`propagator` to refuse with its one-line error)."""
+    if not isinstance(model, nn.Module):
+        yield model
+        return
     was_training = model.training
     model.eval()
     try:
-        # copies: the activations plus the float64 copy of each node's value (the recorder's norms)
-        check_forward_memory(model, shape, where, validate.budget(max_memory), copies=3.0)
-        L = _Propagator(model, shape, _Ctx(get_method(method, where), tol, input_bound, max_memory)).run()
+        yield model
     finally:
         model.train(was_training)
-    validate.finite_result(L, where)
-    return L
-

@@ -75,6 +75,7 @@ class TrainConfig:
     sn_mode: str = "clip"
     sn_batchnorm: bool = False
     ff_beta: float = 0.0  # weight of the Fantastic Four penalty (sum of the per-conv bounds)
+    curvature_beta: float = 0.0  # weight of the curvature penalty (Singla & Feizi; smooth activations only)
     # pixel-l2 radii (images in [0, 1]): Lipschitz bound and certified accuracy after each epoch
     certify: tuple[float, ...] = ()
     extra: dict = field(default_factory=dict)  # room for later options (kept in checkpoints)
@@ -132,6 +133,8 @@ class TrainConfig:
             bad("sn_batchnorm needs a spectral normalization method (sn)")
         if not (self.ff_beta >= 0 and math.isfinite(self.ff_beta)):
             bad(f"ff_beta must be >= 0, got {self.ff_beta!r}")
+        if not (self.curvature_beta >= 0 and math.isfinite(self.curvature_beta)):
+            bad(f"curvature_beta must be >= 0, got {self.curvature_beta!r}")
         if any(not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0) for e in self.certify):
             bad(f"certify radii must be finite and >= 0, got {list(self.certify)}")
         if not (self.eval_batch_size >= 1):
