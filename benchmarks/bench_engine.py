@@ -1,12 +1,15 @@
 """Spectral engine internals: each CPU path of ``fourier.block_max`` against the torch call it
-replaces, on the block sizes of the exact-norm benchmark (64x64 blocks at 32x32, 256x256 at 8x8)."""
+replaces, on the block sizes of the exact-norm benchmark (64x64 blocks at 32x32, 256x256 at 8x8);
+the pieces of the banded Cholesky certificate (512x512 blocks: a 16->16 conv at 32x32) and LOBPCG's
+float32 phase against what they replace."""
 
 from __future__ import annotations
 
 import torch
 
 from benchmarks._util import interleaved, md_table
-from sepconv.spectral import fourier
+from sepconv.spectral import certify, fourier, iterative
+from sepconv.spectral.spec import ConvSpec
 
 TITLE = "Spectral engine internals: the CPU paths against the torch calls they replace"
 
@@ -62,7 +65,46 @@ def run(quick: bool = False) -> str:
             rows.append([f"converged estimate, one block {m}x{m}, rtol 1e-7", "`lanczos` (torch)",
                          f"{t['torch'] * 1e3:.1f}", "`top_vector` (ARPACK)", f"{t['arpack'] * 1e3:.1f}",
                          f"{t['torch'] / t['arpack']:.2f}x"])
+    rows += _certificate_rows(quick, repeats)
     return ("Why `block_max` calls scipy/numpy on the CPU: each row times the torch call a CPU path replaces "
             "and the path itself, interleaved, 1 torch thread, scipy's BLAS on one thread; medians (ms). "
-            "The Cholesky rows include a copy of the blocks (the factorisation is in place).\n\n"
+            "The Cholesky rows include a copy of the blocks (the factorisation is in place). The last rows: "
+            "the banded Cholesky certificate's block operations (`certify`) and LOBPCG's float32 phase "
+            "(`iterative.iterate`), each against the call it replaces.\n\n"
             + md_table(["operation", "torch", "ms", "ours", "ms", "speed-up"], rows))
+
+
+def _certificate_rows(quick: bool, repeats: int) -> list[list[str]]:
+    m = 64 if quick else 512
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(1, m, 2 * m, dtype=torch.float64, generator=g)
+    S = X @ X.mT / (2 * m) + torch.eye(m, dtype=torch.float64)
+    work = S.clone()
+    L = torch.linalg.cholesky(S)
+    panel = torch.randn(1, 2 * m, m, dtype=torch.float64, generator=g)
+
+    def ours_factor():
+        work.copy_(S)
+        certify._factor(work)
+
+    t = interleaved({"torch": lambda: torch.linalg.cholesky_ex(S), "ours": ours_factor}, repeats=repeats)
+    rows = [[f"Cholesky of one block {m}x{m} (a certificate row)", "`torch.linalg.cholesky_ex`",
+             f"{t['torch'] * 1e3:.1f}", "`certify._factor` (scipy `potrf`, incl. a copy)", f"{t['ours'] * 1e3:.1f}",
+             f"{t['torch'] / t['ours']:.2f}x"]]
+    t = interleaved({"right": lambda: torch.linalg.solve_triangular(L.mT, panel, upper=True, left=False),
+                     "left": lambda: torch.linalg.solve_triangular(L, panel.mT, upper=False).mT}, repeats=repeats)
+    rows.append([f"panel solve X L^-T, X {2 * m}x{m}", "`solve_triangular(L^T, X, left=False)`",
+                 f"{t['right'] * 1e3:.1f}", "`solve_triangular(L, X^T)^T` (left-sided)", f"{t['left'] * 1e3:.1f}",
+                 f"{t['right'] / t['left']:.2f}x"])
+    c, n, its = (8, 8, 3) if quick else (64, 32, 5)
+    w = torch.randn(c, c, 3, 3, dtype=torch.float64, generator=g) / (3 * c) ** 0.5
+    spec = ConvSpec((n, n), 1, 1)
+    op64, op32 = iterative.GramOperator(w, spec), iterative.GramOperator(w, spec, torch.float32)
+    X0 = iterative.random_block(op64, 6)
+    t = interleaved({"f64": lambda: iterative.lobpcg(op64, X0, rtol=0.0, max_iter=its),
+                     "f32": lambda: iterative.lobpcg(op32, X0.float(), rtol=0.0, max_iter=its)},
+                    repeats=max(3, repeats // 3))
+    rows.append([f"LOBPCG, {its} iterations of 6 vectors, {c}->{c} 3x3 @{n}x{n}", "`lobpcg` in float64",
+                 f"{t['f64'] * 1e3:.1f}", "`lobpcg` in float32 (`iterate`'s first phase)", f"{t['f32'] * 1e3:.1f}",
+                 f"{t['f64'] / t['f32']:.2f}x"])
+    return rows

@@ -121,16 +121,16 @@ def test_groups_too_large_for_dense_svds_are_iterated_only_where_they_can_hold_t
     spec = ConvSpec((n, n), stride, 1, mode, groups=C)
     truth = per_group_truth(w, spec)
     sizes = []
-    original = iterative.lobpcg
+    original = iterative.iterate
 
     def spy(op, X0, **kw):
         sizes.append(op.g)
         return original(op, X0, **kw)
-    iterative.lobpcg, lobpcg = spy, iterative.lobpcg
+    iterative.iterate = spy
     try:
         br = bracket(w, spec, tol=1e-6, dense_flops=0)  # no dense SVD: the iterative route per group
     finally:
-        iterative.lobpcg = lobpcg
+        iterative.iterate = original
     assert br.how != "dense" and br.vector is not None and br.group is not None
     assert br.lower <= truth * (1 + 1e-12) and truth <= br.upper * (1 + 1e-12)
     assert br.upper <= br.lower * (1 + 1e-5)
@@ -214,6 +214,8 @@ def test_band_and_padding_copies_in_closed_form_equal_the_dense_constructions(mo
                     P = tap_matrices_1d(n, k, s, d, lo, hi, mode)
                     assert certify.band_of(tap_sources_1d(n, k, s, d, lo, hi, mode)) == \
                         certify._band(torch.einsum("ayx,byz->abxz", P, P))
+                    assert certify.band_of(tap_sources_1d(n, k, s, d, lo, hi, mode), "out") == \
+                        certify._band(torch.einsum("ayx,bzx->abyz", P, P))
                     if mode != "zeros":
                         idx = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
                         padded = F.pad(idx, (lo, hi), mode=_TORCH_PAD_MODE[mode]).flatten().long()

@@ -238,7 +238,7 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
     rtol = min(1e-2, 0.1 * math.sqrt(tol)) if affordable else tol / 10
     target = (upper / (1 + tol)) ** 2
     X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
-    ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+    ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target)
     lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
     if upper > lo * (1 + tol) and affordable:
         bg = certify.BandedGram(w64, spec)
@@ -250,7 +250,7 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
             # some group has an eigenvalue above mu: iterate further (the last attempt from a fresh block)
             rtol /= 10
             X0 = ritz.X if attempt < 2 else iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1)
-            ritz = iterative.lobpcg(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+            ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target)
             lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
     return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
 

@@ -208,7 +208,8 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     the whole operator's certified search (matrix blocks, by a flop estimate:
     :func:`~.bracketing._whole_is_cheaper`), by that search. Small operators: a dense SVD.
     Otherwise block LOBPCG until the top residual is ``<= tol/10`` relative (the *residual
-    rule*: an eigenvalue of ``T^T T`` lies that close to the top Ritz value), then the upper end
+    rule*: an eigenvalue of ``T^T T`` lies that close to the top Ritz value; float32 iterations
+    first, the rule checked in float64: :func:`~.iterative.iterate`), then the upper end
     is the smallest of the circulant majorant, Fantastic Four, and -- if affordable -- the banded
     Cholesky certificate at ``lower (1 + tol)``. If nothing certifies ``tol`` the bracket is
     still valid, only wider. ``lower=False`` skips the iteration when no certificate can use it

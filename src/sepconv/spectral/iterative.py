@@ -20,8 +20,8 @@ from ..errors import ConfigError
 from . import validate
 from .spec import ConvSpec
 
-__all__ = ["GramOperator", "Ritz", "block_size", "lobpcg", "lobpcg_bytes", "orthonormalize", "power_iteration",
-           "random_block", "rayleigh_ritz", "top_vector", "vector_bytes"]
+__all__ = ["FLOAT32_RTOL", "GramOperator", "Ritz", "block_size", "iterate", "lobpcg", "lobpcg_bytes", "orthonormalize",
+           "power_iteration", "random_block", "rayleigh_ritz", "top_vector", "vector_bytes"]
 
 
 def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor | None = None,
@@ -76,13 +76,14 @@ def power_iteration(weight: Tensor, spec: ConvSpec, iters: int = 50, x: Tensor |
 
 
 class GramOperator:
-    """``A = T^T T`` on the input side in float64, vectors laid out per group ``(g, D_g, b)``.
+    """``A = T^T T`` on the input side in ``dtype`` (float64 by default), vectors laid out per
+    group ``(g, D_g, b)``.
 
     The groups of a grouped convolution are independent problems; they share every
     convolution call (one ``conv2d`` and one transposed convolution per block of vectors)."""
 
-    def __init__(self, weight: Tensor, spec: ConvSpec):
-        self.weight = weight.detach().to(torch.float64)
+    def __init__(self, weight: Tensor, spec: ConvSpec, dtype: torch.dtype = torch.float64):
+        self.weight = weight.detach().to(dtype)
         self.spec = spec
         self.g = spec.groups
         self.c_in = spec.input_shape(weight)[0]
@@ -104,14 +105,15 @@ def orthonormalize(Z: Tensor, against: Tensor | None = None) -> Tensor:
     """An orthonormal basis of ``span(Z)`` per group, orthogonal to the orthonormal columns of
     ``against``: two rounds of projection + SVQB (Stathopoulos & Wu 2002). Numerically
     dependent directions become zero columns (harmless in a Rayleigh--Ritz step)."""
+    tiny, drop = torch.finfo(Z.dtype).tiny, max(1e-12, 100 * torch.finfo(Z.dtype).eps)
     for _ in range(2):
         if against is not None:
             Z = Z - against @ (against.mT @ Z)
         G = Z.mT @ Z
-        d = G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
+        d = G.diagonal(dim1=-2, dim2=-1).clamp_min(tiny).rsqrt()
         lam, V = torch.linalg.eigh(d[..., :, None] * G * d[..., None, :])
-        keep = lam > 1e-12 * lam[..., -1:].clamp_min(1e-300)
-        scale = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+        keep = lam > drop * lam[..., -1:].clamp_min(tiny)
+        scale = torch.where(keep, lam.clamp_min(tiny).rsqrt(), torch.zeros_like(lam))
         Z = Z @ (d[..., :, None] * V * scale[..., None, :])
     return Z
 
@@ -154,7 +156,7 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
         theta, X, AX = rayleigh_ritz(X, AX, b)
         R = AX - X * theta[:, None, :]
         res = R.norm(dim=1)
-        if bool((res[:, 0] <= rtol * theta[:, 0].abs().clamp_min(1e-300)).all()) or float(theta[:, 0].max()) >= target:
+        if bool((res[:, 0] <= rtol * theta[:, 0].abs()).all()) or float(theta[:, 0].max()) >= target:
             break
         W = orthonormalize(torch.cat([R, P], -1) if P is not None else R, X)
         _, Xn, AXn = rayleigh_ritz(torch.cat([X, W], -1), torch.cat([AX, op(W)], -1), b)
@@ -164,6 +166,31 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
     theta, X, AX = rayleigh_ritz(X, AX, b)
     res = (AX - X * theta[:, None, :]).norm(dim=1)
     return Ritz(theta, X, res, it, op.applications)
+
+
+#: :func:`iterate` runs float32 LOBPCG first when the residual asked is at least this (relative): float32
+#: iterations are faster (BENCHMARKS.md, engine internals); far below it float32's rounding would stall them.
+FLOAT32_RTOL = 1e-5
+
+
+def iterate(op: GramOperator, X0: Tensor, rtol: float, max_iter: int = 300, target: float = math.inf) -> Ritz:
+    """:func:`lobpcg` on ``op`` (float64) to the same stopping rule, the bulk of it in float32: with
+    ``rtol >= FLOAT32_RTOL`` the iteration runs on a float32 copy of the operator first, then
+    float64 LOBPCG continues from its vectors -- its first Rayleigh--Ritz step on freshly applied
+    float64 vectors checks the rule again, so the result (values, vectors, residuals) is float64
+    and what :func:`lobpcg` promises. The float32 phase only saves time: a lower end stays a
+    Rayleigh quotient of the float64 operator. It gets half of ``max_iter`` (should it stall above
+    ``rtol``, float64 has the rest)."""
+    iterations = 0
+    if rtol >= FLOAT32_RTOL and op.weight.dtype == torch.float64 and max_iter > 1:
+        fast = GramOperator(op.weight, op.spec, torch.float32)
+        first = lobpcg(fast, X0.to(torch.float32), rtol, max_iter // 2, target)
+        X0, iterations = first.X.to(torch.float64), first.iterations
+        op.applications += fast.applications
+        del first, fast
+    ritz = lobpcg(op, X0, rtol, max(1, max_iter - iterations), target)
+    ritz.iterations += iterations
+    return ritz
 
 
 def vector_bytes(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], itemsize: int = 8) -> int:
