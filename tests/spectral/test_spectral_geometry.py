@@ -239,7 +239,7 @@ def test_banded_gram_on_either_side_is_the_dense_gram_and_its_certificate_decide
             Tg = Tg.permute(1, 0, 2, 3, 4, 5).reshape(Hout * co * Wout, ci * spec.in_size[0] * spec.in_size[1])
             blocks.append(Tg @ Tg.T)
     torch.testing.assert_close(bg.dense(), torch.stack(blocks), rtol=0, atol=1e-12)
-    assert bg.band == certify._band(bg.Sh)
+    assert bg.band == certify.band_of(certify._row_sources(w, spec), side)  # the closed form
     lam = torch.linalg.eigvalsh(torch.stack(blocks))[:, -1]
     top = float(lam.max())
     if top > 1e-6:
