@@ -107,3 +107,22 @@ def test_missing_onnxruntime_names_the_extra(capsys, tmp_path, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "pip install 'sepconv[deploy]'" in err
     code, stdout, err = run(capsys, "latency", "simple_cnn", "--input-size", "8", "8", "--repeats", "1")
     assert code == 0 and "onnxruntime" not in stdout and "not measured: onnxruntime" in err
+
+
+def test_fastest_forms_in_latency_and_export(capsys, tmp_path):
+    code, _, err = run(capsys, "convert", "simple_cnn", "--to", "dsc", "--rank", "2", "--input-size", "16", "16",
+                       "--out", str(tmp_path / "cv"), "--no-progress")
+    assert code == 0, err
+    model = str(tmp_path / "cv" / "model")
+    code, stdout, err = run(capsys, "latency", model, "--input-size", "16", "16", "--runtime", "torch",
+                            "onnxruntime", "--repeats", "2", "--forms", "fastest", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["forms"] == "fastest" and [r["runtime"] for r in doc["rows"]] == ["torch", "onnxruntime"]
+    for r in doc["rows"]:
+        made, total = map(int, r["dense_blocks"].split("/"))
+        assert total == 4 and 0 <= made <= 4 and r["flops"] > 0
+    code, stdout, err = run(capsys, "export", model, "--input-size", "16", "16", "--forms", "fastest")
+    assert code == 0, err
+    assert "fastest forms in onnxruntime (batch 1, 1 thread):" in stdout and "of 4 separable blocks" in stdout
+    assert "verified against torch in ONNX Runtime" in stdout

@@ -233,6 +233,34 @@ class _SeparableBlock(nn.Module):
         cost as much as a small conv (:func:`sepconv.deploy.deployable` uses it)."""
         return nn.Sequential(*(m for m in self.children() if not isinstance(m, nn.Identity)))
 
+    def dense_form(self, in_shape: tuple[int, ...]) -> nn.Conv2d | None:
+        """The regular conv computing the same map on inputs of ``in_shape`` ``(C, H, W)``, or None
+        when there is none.
+
+        A linear block is ``x -> A x + r`` with ``A`` the regular conv of :meth:`dense_weight` (the
+        composed kernel; exact for every padding mode, as its 1x1 convs commute with padding) and
+        ``r`` the block's response to a zero input: its convs' biases carried through the block (a
+        folded BatchNorm leaves one on an inner conv). The block is a regular conv when ``r`` is the
+        same at every position (within float rounding), ``r`` then being the conv's bias; it is not
+        when an inner bias meets zero padding (BSConv-U with a folded ``bn``: the padded border sees
+        0, not the bias), nor with a norm or activation between the convs (None then too)."""
+        try:
+            weight = self.dense_weight()
+        except UnsupportedLayerError:
+            return None
+        with torch.no_grad():
+            r = self(weight.new_zeros(1, *in_shape)).flatten(2)[0]  # (out, positions)
+            bias = r.mean(1)
+            if r.shape[1] == 0 or (r - bias[:, None]).abs().max() > 1e-6 * (1.0 + float(bias.abs().max())):
+                return None
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                             self.dilation, bias=bool(bias.any()), padding_mode=self.padding_mode,
+                             device=weight.device, dtype=weight.dtype)
+            conv.weight.copy_(weight)
+            if conv.bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
     @property
     def in_channels(self) -> int:
         return next(m for m in self.children() if isinstance(m, nn.Conv2d)).in_channels

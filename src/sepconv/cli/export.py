@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..data import list_datasets, load_dataset
-from ..deploy import DEFAULT_OPSET, export_onnx
+from ..deploy import DEFAULT_OPSET, choose_forms, export_onnx
 from ..errors import ConfigError
 from ..guard import writable_file
 from ..io import model_from_spec
@@ -45,6 +45,10 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=64, help="--data images verified (default 64)")
     p.add_argument("--rtol", type=positive_float, default=1e-5,
                    help="largest relative error max|onnx - torch| / max|torch| accepted (default 1e-5)")
+    p.add_argument("--forms", choices=["separable", "fastest"], default="separable",
+                   help="separable (default): every block as converted; fastest: each linear separable block as "
+                        "its deploy form or its dense conv, whichever ONNX Runtime runs faster at --batch (1 for "
+                        "dynamic) and --threads (default 1), measured before the export")
     add_threads(p)
     add_trust_code(p)
     return p
@@ -68,6 +72,10 @@ def run(args) -> int:
             raise ConfigError(f"--data {args.data}: {data.in_chans}-channel images, the model takes {shape[0]}")
         shape = (shape[0], *data.image_size)
         images, _ = data.get_batch(torch.arange(min(args.samples, len(data))))
+    if args.forms == "fastest":
+        chosen = choose_forms(model, shape, "onnxruntime", batch=args.batch or 1, threads=args.threads or 1)
+        print(chosen.summary())
+        model = chosen.model
     result = export_onnx(model, out, shape, opset=args.opset, batch=args.batch, inputs=images, rtol=args.rtol)
     print(result.summary())
     return 0

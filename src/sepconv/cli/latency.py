@@ -7,7 +7,7 @@ import importlib.util
 import json
 import sys
 
-from ..deploy import RUNTIMES, measure, runner, torch_threads
+from ..deploy import RUNTIMES, choose_forms, measure, runner, torch_threads
 from ..errors import MissingDependencyError
 from ..io import model_from_spec
 from ..models import profile
@@ -38,6 +38,11 @@ def add(sub) -> argparse.ArgumentParser:
                    help="input height and width (default: the model's registered size)")
     p.add_argument("--weights", metavar="FILE", help="state dict (.safetensors or .pt) loaded strictly on top")
     p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (to match --weights)")
+    p.add_argument("--forms", choices=["separable", "fastest"], default="separable",
+                   help="separable (default): every block as built; fastest: each linear separable block as its "
+                        "deploy form or its dense conv, whichever is measured faster in that runtime, batch and "
+                        "thread count (chosen before each measurement; the table adds the blocks made dense and the "
+                        "FLOPs of the model measured)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     add_trust_code(p)
     return p
@@ -64,25 +69,35 @@ def run(args) -> int:
     rows = []
     for threads in args.threads:
         for batch in args.batch:
-            lat = {}
+            lat, dense = {}, {}
             with torch_threads(threads):
                 for r in runtimes:  # one runtime at a time: idle threads of another would spin beside it
-                    lat[r] = measure({r: runner(model, shape, r, batch, threads)}, args.repeats,
+                    net = model
+                    if args.forms == "fastest":
+                        chosen = choose_forms(model, shape, r, batch, threads)
+                        net = chosen.model
+                        dense[r] = dict(dense_blocks=f"{len(chosen.dense)}/{len(chosen.choices)}",
+                                        flops=profile(net, shape).flops)
+                    lat[r] = measure({r: runner(net, shape, r, batch, threads)}, args.repeats,
                                      max_seconds=args.max_seconds)[r]
             rows += [dict(runtime=r, batch=batch, threads=threads, median_ms=lat[r].median, q1_ms=lat[r].q1,
-                          q3_ms=lat[r].q3, calls=lat[r].n, images_per_s=1e3 * batch / lat[r].median)
+                          q3_ms=lat[r].q3, calls=lat[r].n, images_per_s=1e3 * batch / lat[r].median,
+                          **dense.get(r, {}))
                      for r in runtimes]
-    doc = dict(model=args.model, input_shape=list(shape), params=prof.params, flops=prof.flops, rows=rows,
-               skipped=skipped)
+    doc = dict(model=args.model, input_shape=list(shape), params=prof.params, flops=prof.flops, forms=args.forms,
+               rows=rows, skipped=skipped)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"{args.model}: {prof.params:,} parameters, {prof.flops / 1e6:,.1f} MFLOPs per image at "
           f"{'x'.join(map(str, shape))}; deployable form (eval, BatchNorm folded); median (quartiles) of "
-          f"up to {args.repeats} calls")
-    header = ("runtime", "batch", "threads", "median ms", "quartiles ms", "images/s")
+          f"up to {args.repeats} calls" + ("; fastest forms, 'dense' = blocks run as their dense conv"
+                                             if args.forms == "fastest" else ""))
+    header = ("runtime", "batch", "threads", "median ms", "quartiles ms", "images/s") + (
+        ("dense", "MFLOPs") if args.forms == "fastest" else ())
     table = [(r["runtime"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}",
-              f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}", f"{r['images_per_s']:,.0f}") for r in rows]
+              f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}", f"{r['images_per_s']:,.0f}")
+             + ((r["dense_blocks"], f"{r['flops'] / 1e6:,.1f}") if "dense_blocks" in r else ()) for r in rows]
     widths = [max(len(t[i]) for t in table + [header]) for i in range(len(header))]
     for t in [header] + table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))

@@ -171,7 +171,9 @@ def deployable(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
     folded where :func:`fold_batchnorm` can (a model ``torch.fx`` cannot trace keeps its
     BatchNorms: runtimes fold Conv+BN themselves), and every module with a ``deploy_form(
     in_shape)`` method replaced by the module it returns (given one dry pass on ``input_shape``,
-    ``(C, H, W)``, to learn its input shape). Same outputs as ``model.eval()`` up to rounding."""
+    ``(C, H, W)``, to learn its input shape). Same outputs as ``model.eval()`` up to rounding.
+    :func:`~sepconv.deploy.choose_forms` goes one step further: each linear separable block as its
+    deploy form or its dense conv, whichever is measured faster in the target runtime."""
     model = copy.deepcopy(model).eval()
     bake_parametrizations(model)
     try:

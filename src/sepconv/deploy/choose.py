@@ -1,0 +1,171 @@
+"""The faster of a separable block's two exact forms, measured in the runtime it will run in.
+
+A linear separable block (a DSC or BSConv block with nothing but folded BatchNorms between its
+convs) computes exactly a regular conv, its composed kernel
+(:meth:`~sepconv.layers.DepthwiseSeparableConv2d.dense_form`). Fewer FLOPs do not always make the
+separable form faster: a depthwise and a pointwise conv move more memory per FLOP and pay two calls,
+so at small channel counts and at ranks above 1 they can take longer than the one dense conv they
+replace (BENCHMARKS.md, "Fastest exact forms": in PyTorch eager at batch 1, every block of a converted
+ResNet-20 runs faster dense). :func:`choose_forms` times both forms
+of every such block, on the block's own input shape, in the runtime, batch and thread count given.
+The calls are interleaved, as in :func:`~sepconv.deploy.measure`. It keeps the dense conv only
+where the paired 95 % interval of the latency ratio lies below 1 (:func:`sepconv.evidence.compare`
+on log times); otherwise the block stays separable. Blocks with equal forms and input shapes are
+timed once: latency depends on shapes, not on values. A block timed alone is not the block in its
+graph, so the per-block choice is then checked on the whole model against all blocks separable and
+all dense; the fastest of the three, by the same paired rule, is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..evidence import compare
+from ..layers import _SeparableBlock
+from ..probe import dry_forward
+from .export import _check_shape
+from .fold import deployable
+from .latency import RUNTIMES, Latency, measure, torch_threads
+
+__all__ = ["ChosenForms", "FormChoice", "choose_forms"]
+
+
+@dataclass(frozen=True)
+class FormChoice:
+    """One block's two forms timed side by side on its own: the latency ratio dense / separable is the
+    geometric mean over the paired rounds, with its 95 % interval (``lo``, ``hi``); ``form`` is the form
+    the block runs in after the whole-model check (``"dense"`` or ``"separable"``)."""
+
+    name: str
+    separable: Latency
+    dense: Latency
+    ratio: float
+    lo: float
+    hi: float
+    form: str
+
+
+@dataclass
+class ChosenForms:
+    """:func:`choose_forms`' result: ``model`` (deployable, each block in its chosen form), the timing
+    behind every block's choice, and the whole-model check: ``whole`` maps each plan timed (``"per
+    block"``, ``"all separable"``, ``"all dense"``; equal plans timed once) to its latency, ``plan`` is
+    the one kept."""
+
+    model: nn.Module
+    runtime: str
+    batch: int
+    threads: int
+    choices: list[FormChoice] = field(default_factory=list)
+    whole: dict[str, Latency] = field(default_factory=dict)
+    plan: str = "all separable"
+
+    @property
+    def dense(self) -> list[str]:
+        return [c.name for c in self.choices if c.form == "dense"]
+
+    def summary(self) -> str:
+        timed = ", ".join(f"{k} {v.median:.3g} ms" for k, v in self.whole.items())
+        return (f"fastest forms in {self.runtime} (batch {self.batch}, {self.threads} thread"
+                f"{'s' if self.threads > 1 else ''}): {len(self.dense)} of {len(self.choices)} separable blocks run "
+                f"as their dense conv ({self.plan}" + (f"; whole model: {timed})" if timed else ")"))
+
+
+def _paired_ratio(a: Latency, b: Latency):
+    """The comparison of log times a vs b over the paired rounds (claim: a is faster)."""
+    return compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], claim="less")
+
+
+def _measured(nets: dict[str, nn.Module], shape, runtime: str, batch: int, threads: int, repeats: int,
+              max_seconds: float, tmp: Path) -> dict[str, Latency]:
+    """Each net of ``nets`` timed in ``runtime`` on one random batch, interleaved (:func:`measure`)."""
+    dtype = next(next(iter(nets.values())).parameters()).dtype
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch_threads(threads):
+        fns = {}
+        for i, (key, net) in enumerate(nets.items()):
+            (tmp / str(i)).mkdir()
+            fns[key] = RUNTIMES[runtime].build(copy.deepcopy(net), x, threads, tmp / str(i))
+        return measure(fns, repeats=repeats, warmup=2, max_seconds=max_seconds, min_repeats=5)
+
+
+def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape) -> nn.Module:
+    """A deployable copy of ``net`` with the blocks named in ``dense`` replaced by their dense convs."""
+    net = copy.deepcopy(net)
+    for name, conv in dense.items():
+        if not name:  # the model is one block
+            net = conv
+        else:
+            net.set_submodule(name, copy.deepcopy(conv))
+    return deployable(net, shape)
+
+
+def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "onnxruntime", batch: int = 1,
+                 threads: int = 1, repeats: int = 20, max_seconds: float = 2.0) -> ChosenForms:
+    """:func:`~sepconv.deploy.deployable` of ``model`` with every linear separable block in the faster of
+    its two exact forms (its deploy form or its dense conv), measured in ``runtime``
+    (:data:`~sepconv.deploy.RUNTIMES`) at ``batch`` and ``threads`` on inputs of ``input_shape`` ``(C, H, W)``.
+
+    First each distinct block alone: both forms on the block's input shape, ``repeats`` interleaved rounds
+    (fewer past ``max_seconds``, at least 5); the dense conv is chosen only when the paired 95 % interval
+    of its latency ratio lies below 1 (a tie keeps the block separable: fewer parameters). A block alone
+    is not a block in its graph (ONNX Runtime fuses a conv with the add and activation after it and keeps
+    its blocked layout across layers), so then the whole model is checked: all blocks separable, the
+    per-block choice and all blocks dense, timed interleaved (at most ``5 * max_seconds``); a plan
+    replaces the one kept so far (all separable first) only when the paired interval says it is faster.
+    Same outputs as ``model.eval()`` up to rounding."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    for what, v in (("batch", batch), ("threads", threads), ("repeats", repeats)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"choose_forms: {what} must be a positive integer, got {v!r}")
+    shape = _check_shape(input_shape)
+    net = deployable(model)  # a copy: eval, baked, BatchNorm folded (no deploy forms yet)
+    blocks = dry_forward(net, shape, record=(_SeparableBlock,), where="choose_forms").inputs
+    timed: dict[tuple, tuple] = {}
+    dense, alone = {}, {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sepconv-forms.")))
+        for name, (block, in_shape) in sorted(blocks.items()):
+            conv = block.dense_form(in_shape)
+            if conv is None:
+                continue
+            sep = block.deploy_form(in_shape)
+            key = (repr(sep), repr(conv), tuple(in_shape))
+            if key not in timed:
+                sub = tmp / f"block{len(timed)}"
+                sub.mkdir()
+                lat = _measured({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, repeats,
+                                max_seconds, sub)
+                timed[key] = (lat["separable"], lat["dense"], _paired_ratio(lat["dense"], lat["separable"]))
+            dense[name] = conv.eval()
+            alone[name] = timed[key]
+        plans = {"all separable": (), "per block": tuple(n for n in dense if alone[n][2].held),
+                 "all dense": tuple(dense)}
+        distinct = {}
+        for label, names in plans.items():  # equal plans timed once, under their first label
+            distinct.setdefault(names, label)
+        plan, whole = "all separable", {}
+        if len(distinct) > 1:
+            nets = {label: _assembled(net, {n: dense[n] for n in names}, shape) for names, label in distinct.items()}
+            whole = _measured(nets, shape, runtime, batch, threads, repeats, 5 * max_seconds, tmp)
+            for label in list(nets)[1:]:
+                if _paired_ratio(whole[label], whole[plan]).held:
+                    plan = label
+        chosen = set(plans[plan])
+    out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape), runtime, batch, threads, whole=whole,
+                      plan=plan)
+    for name, (s, d, c) in alone.items():
+        out.choices.append(FormChoice(name, s, d, math.exp(c.mean), math.exp(c.lo), math.exp(c.hi),
+                                      "dense" if name in chosen else "separable"))
+    return out
