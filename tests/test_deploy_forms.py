@@ -4,6 +4,7 @@ paired interval of the measured times (a fake clock makes it deterministic); equ
 once; the chosen model computes what the model computes."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -86,8 +87,8 @@ class _Clock:
 @pytest.fixture
 def fake_runtime(monkeypatch):
     """A runtime 'fake' whose calls cost (on a fake clock) 1 unit per conv, except a dense 3x3 conv:
-    ``dense_cost`` units alone, ``dense_in_graph`` units inside a whole model (a network with a Linear
-    head); +-10 % noise, the same in every function of a round."""
+    ``dense_cost`` units (or ``dense_cost(conv)``) alone, ``dense_in_graph`` units inside a whole model (a
+    network with a Linear head); +-10 % noise, the same in every function of a round."""
     clock = _Clock()
     monkeypatch.setattr(latency_mod.time, "perf_counter", clock)
     state = dict(dense_cost=3.0, dense_in_graph=None, builds=[])
@@ -96,7 +97,8 @@ def fake_runtime(monkeypatch):
         whole = any(isinstance(m, nn.Linear) for m in net.modules())
         state["builds"].append("model" if whole else "block")
         dense_cost = state["dense_in_graph"] if whole and state["dense_in_graph"] else state["dense_cost"]
-        cost = 1e-3 * sum(dense_cost if m.groups == 1 and m.kernel_size != (1, 1) else 1.0
+        cost = 1e-3 * sum((dense_cost(m) if callable(dense_cost) else dense_cost)
+                          if m.groups == 1 and m.kernel_size != (1, 1) else 1.0
                           for m in net.modules() if isinstance(m, nn.Conv2d))
         noise = itertools.cycle((0.9, 1.1, 1.0))
 
@@ -159,3 +161,29 @@ def test_chosen_forms_compute_what_the_model_computes():
         choose_forms(net, (3, 32, 32), "tensorrt")
     with pytest.raises(ConfigError, match="batch must be a positive integer"):
         choose_forms(net, (3, 32, 32), "torch", batch=0)
+
+
+def test_convert_where_faster_converts_only_the_layers_that_gain(fake_runtime, tmp_path, capsys):
+    from sepconv.cli import main
+    from sepconv.io import load_model, save_model
+
+    # a dense conv costs in_channels / 16 units, its DSC 2: features.0 (3 in) and .3 (16 in) run faster dense,
+    # .6 (32 in) ties, .9 (64 in) runs faster separable
+    fake_runtime["dense_cost"] = lambda conv: conv.in_channels / 16
+    original, out = create_model("simple_cnn", num_classes=10), tmp_path / "cv"
+    save_model(original, tmp_path / "trained")
+    argv = ["convert", str(tmp_path / "trained"), "--input-size", "16", "16", "--rank", "2",
+            "--where-faster", "fake", "--out", str(out), "--no-progress", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["where_faster"]["kept_regular"] == ["features.0", "features.3"]
+    assert [r["name"] for r in doc["layers"]] == ["features.6", "features.9"]
+    assert {r["rank"] for r in doc["layers"]} == {2}
+    model = load_model(out / "model")
+    for name in ("features.0", "features.3"):  # the trained weights, exactly
+        assert torch.equal(model.get_submodule(name).weight, original.get_submodule(name).weight)
+    assert all(isinstance(model.get_submodule(n), DepthwiseSeparableConv2d) for n in ("features.6", "features.9"))
+    fake_runtime["dense_cost"] = 0.5  # every layer faster dense: nothing converted, no model written
+    assert main(argv[:-4] + ["--out", str(tmp_path / "none"), "--no-progress"]) == 0
+    assert "nothing converted" in capsys.readouterr().out and not (tmp_path / "none" / "model").exists()
+    assert json.loads((tmp_path / "none" / "report.json").read_text())["converted"] == []

@@ -11,7 +11,7 @@ from torch import nn
 from ..data import list_datasets, load_dataset
 from ..decompose import METHODS as CONVERT_METHODS
 from ..decompose import convert, target_names
-from ..deploy import RUNTIMES, measure, runner, torch_threads
+from ..deploy import RUNTIMES, choose_forms, measure, runner, torch_threads
 from ..errors import ConfigError
 from ..guard import writable_dir
 from ..io import atomic_write_text, model_from_spec, save_model
@@ -56,6 +56,10 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--latency", nargs="*", choices=list(RUNTIMES), metavar="RUNTIME",
                    help="also measure batch-1, one-thread latency before and after in these runtimes (default "
                         "with no RUNTIME: torch-cl, and onnxruntime where installed); costs seconds to minutes")
+    p.add_argument("--where-faster", metavar="RUNTIME", choices=list(RUNTIMES),
+                   help="convert only the layers whose separable form runs faster than the regular conv it equals "
+                        "in RUNTIME (batch 1, --threads or 1; measured as `sepconv latency --forms fastest`): the "
+                        "others keep their trained weights, exactly; costs seconds to minutes")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_trust_code(p)
@@ -63,9 +67,6 @@ def add(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-
-
-
     if args.method == "gsvd" and not args.data:
         raise ConfigError("--method gsvd fits on calibration images: give --data NAME (or use --method svd)")
     out = writable_dir(args.out or f"runs/convert-{args.to}", "--out")  # before the work, not after it
@@ -83,15 +84,34 @@ def run(args) -> int:
         if first is None:
             raise ConfigError(f"{args.model}: the model has no Conv2d layer to convert")
         input_size = (first.in_channels, *args.input_size)
-    new, rep = convert(model, to=args.to, rank=args.rank, energy=args.energy, speedup=args.speedup,
-                       method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
-                       num_samples=args.samples, max_patches=args.max_patches, p=args.p,
-                       progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
+    how = dict(to=args.to, method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
+               num_samples=args.samples, max_patches=args.max_patches, p=args.p,
+               progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
+    new, rep = convert(model, rank=args.rank, energy=args.energy, speedup=args.speedup, **how)
+    shape = (data.in_chans, *data.image_size) if data is not None else input_size or default_input_shape(model)
+    if shape is None and (args.latency is not None or args.where_faster):
+        raise ConfigError(f"{args.model}: --latency and --where-faster need the input size: pass --input-size H W")
+    where = None
+    if args.where_faster:
+        chosen = choose_forms(new, tuple(shape), args.where_faster, batch=1, threads=args.threads or 1)
+        slower = set(chosen.dense)
+        ranks = {r["name"]: r["rank"] for r in rep.layers}
+        keep = [n for n in ranks if n not in slower]
+        where = dict(runtime=args.where_faster, batch=1, threads=args.threads or 1, plan=chosen.plan,
+                     kept_regular=sorted(slower), summary=chosen.summary())
+        if not keep:
+            doc = {"model": args.model, "data": args.data, "where_faster": where, "converted": []}
+            atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
+            print(json.dumps(doc, indent=2) if args.json else
+                  f"{chosen.summary()}\nnothing converted: no layer's separable form is faster in "
+                  f"{args.where_faster}; no model written (report: {out / 'report.json'})")
+            return 0
+        if slower:  # the same ranks, on the layers that gain
+            new, rep = convert(model, rank={n: ranks[n] for n in keep}, layers=keep, **how)
     doc = {"model": args.model, "data": args.data, **rep.to_dict()}
+    if where:
+        doc["where_faster"] = where
     if args.latency is not None:
-        shape = (data.in_chans, *data.image_size) if data is not None else input_size or default_input_shape(model)
-        if shape is None:
-            raise ConfigError(f"{args.model}: --latency needs the input size: pass --input-size H W")
         doc["latency"] = _latency(model, new, tuple(shape), args.latency)
     save_model(new, out / "model")
     atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
@@ -99,6 +119,8 @@ def run(args) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(rep.table())
+        if where:
+            print(f"{where['summary']}; kept regular: {', '.join(where['kept_regular']) or 'none'}")
         for r in doc.get("latency", []):
             print(f"latency {r['runtime']} (batch 1, 1 thread, median of {r['calls']}): {r['before_ms']:.3f} -> "
                   f"{r['after_ms']:.3f} ms ({r['ratio']:.3f}x; FLOPs {r['flop_ratio']:.3f}x)")
