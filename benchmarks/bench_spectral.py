@@ -27,7 +27,7 @@ from sepconv.spectral import (
     power_iteration,
     reshape_norm,
 )
-from sepconv.spectral.exact import CERTIFICATE_BYTES, CERTIFICATE_FLOPS
+from sepconv.spectral.bracketing import CERTIFICATE_BYTES, CERTIFICATE_FLOPS, CERTIFICATE_SHARE
 
 TITLE = "Spectral norms: exact, certified bounds, MobileNetV2 depthwise"
 
@@ -245,8 +245,9 @@ def bench_single_layers(quick: bool) -> str:
             "`ours` = `norm_bracket` at tol 1e-4: block LOBPCG (float32, then float64 to the residual rule) for "
             "the lower end, the banded Cholesky certificate of `mu I - T^T T` at `lower (1 + tol)` for the "
             f"upper end (budget {SINGLE_LAYER_FLOPS:.0e} flops here, the default {CERTIFICATE_FLOPS:.0e}; memory "
-            f"{CERTIFICATE_BYTES / 1e9:.1f} GB, the default: a layer whose certificate needs more gets the circulant "
-            "majorant). `exact` is its lower end, within "
+            f"{CERTIFICATE_BYTES / 1e9:.1f} GB, the default, {CERTIFICATE_SHARE:.0%} of the memory budget: a layer "
+            "whose certificate needs more gets the circulant majorant unless $SEPCONV_MEMORY_LIMIT allows it). "
+            "`exact` is its lower end, within "
             "1e-4 of the norm; the other columns are certified upper bounds as value / exact and time: `fft` = "
             "circular embedding at N = n+1, `gram` = Gram iteration (6 steps) at the same N, Fantastic Four. "
             "Weights: PyTorch's default init, and the same with a power-law spectrum (`power_law_weight`: a "

@@ -23,6 +23,7 @@ from sepconv.spectral import (
     ConvSpec,
     bracket,
     bracketing,
+    certify,
     exact_norm,
     fantastic_four,
     fft_bound,
@@ -202,7 +203,6 @@ def test_budget_reads_the_keyword_then_the_environment_then_the_2gib_default(mon
 def test_band_and_padding_copies_in_closed_form_equal_the_dense_constructions(mode):
     import torch.nn.functional as F
 
-    from sepconv.spectral import certify
     from sepconv.spectral.spec import _TORCH_PAD_MODE, pad_copies, tap_matrices_1d, tap_sources_1d
 
     for n in range(1, 9):
@@ -220,3 +220,20 @@ def test_band_and_padding_copies_in_closed_form_equal_the_dense_constructions(mo
                         idx = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
                         padded = F.pad(idx, (lo, hi), mode=_TORCH_PAD_MODE[mode]).flatten().long()
                         assert pad_copies(n, lo, hi, mode) == int(torch.bincount(padded, minlength=n).max())
+
+
+def test_the_certificate_takes_its_share_of_the_budget_whatever_the_budget():
+    """The banded Cholesky certificate runs when its memory is at most CERTIFICATE_SHARE of the budget
+    (so a larger $SEPCONV_MEMORY_LIMIT certifies larger layers), else the upper end is a majorant."""
+    torch.manual_seed(5)
+    w = torch.randn(6, 6, 3, 3, dtype=torch.float64)
+    spec = ConvSpec((12, 12), 1, 1)
+    _, need = certify.certificate_cost(w, spec)
+    share = bracketing.CERTIFICATE_SHARE
+    assert bracketing.CERTIFICATE_BYTES == share * validate.MAX_MEMORY  # 1.5 GB under the default 2 GiB
+    results = {}
+    for label, limit in (("fits", need / share * 1.01), ("too small", need / share * 0.99)):
+        bracketing.RECENT.clear()
+        results[label] = bracket(w, spec, tol=1e-8, max_memory=limit, dense_flops=0)
+    assert results["fits"].how == "cholesky" and results["too small"].how != "cholesky"
+    assert results["too small"].lower <= results["fits"].upper and results["fits"].lower <= results["too small"].upper

@@ -24,14 +24,17 @@ from ..errors import ResourceError
 from . import bounds, certify, fourier, iterative, validate
 from .spec import ConvSpec, norm_of_padding, tap_sources_1d
 
-__all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "DENSE_FLOPS", "Bracket", "bracket_args", "check_problem",
-           "RECENT", "RECENT_BYTES", "circulant_problem", "is_pointwise", "outward", "solve"]
+__all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "CERTIFICATE_SHARE", "DENSE_FLOPS", "Bracket", "bracket_args",
+           "check_problem", "RECENT", "RECENT_BYTES", "circulant_problem", "is_pointwise", "outward", "solve"]
 
 #: Dense SVD of the operator when ``rows * cols * min(rows, cols)`` is at most this.
 DENSE_FLOPS = 3e9
-#: Banded Cholesky certificate when its flop count and memory are at most these.
+#: Banded Cholesky certificate when its flop count is at most this ...
 CERTIFICATE_FLOPS = 2e11
-CERTIFICATE_BYTES = 1.5e9
+#: ... and its memory at most this share of the memory budget (the rest for LOBPCG, the weight and the
+#: caller): :data:`CERTIFICATE_BYTES` under the default budget, more where ``$SEPCONV_MEMORY_LIMIT`` allows.
+CERTIFICATE_SHARE = 0.7
+CERTIFICATE_BYTES = CERTIFICATE_SHARE * validate.MAX_MEMORY
 
 
 @dataclass
@@ -220,7 +223,7 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
         margin = 4 * max(rows, cols) * torch.finfo(torch.float64).eps  # LAPACK: |s - sigma| <= p(n) u sigma
         return Bracket(s * (1 - margin), min(upper, s * (1 + margin)), "dense")
     flops, nbytes = certify.certificate_cost(w64, spec)
-    affordable = flops <= certificate_flops and nbytes <= min(CERTIFICATE_BYTES, limit)
+    affordable = flops <= certificate_flops and nbytes <= CERTIFICATE_SHARE * limit
     if not lower and not affordable:
         return Bracket(0.0, upper, how)
     op = iterative.GramOperator(w64, spec)
@@ -338,7 +341,7 @@ def _whole_is_cheaper(w64: Tensor, spec: ConvSpec, ks: tuple[int, int], certific
     if dense <= GROUPED_DENSE_ALWAYS:
         return False
     flops, nbytes = certify.certificate_cost(w64, spec)
-    if flops > certificate_flops or nbytes > min(CERTIFICATE_BYTES, limit):
+    if flops > certificate_flops or nbytes > CERTIFICATE_SHARE * limit:
         return False
     return 2 * (flops + 30 * 6 * 4 * w64.numel() * out) < dense
 
