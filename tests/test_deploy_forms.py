@@ -91,11 +91,12 @@ def fake_runtime(monkeypatch):
     network with a Linear head); +-10 % noise, the same in every function of a round."""
     clock = _Clock()
     monkeypatch.setattr(latency_mod.time, "perf_counter", clock)
-    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[])
+    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[], batches=set())
 
     def build(net, x, threads, tmp):
         whole = any(isinstance(m, nn.Linear) for m in net.modules())
         state["builds"].append("model" if whole else "block")
+        state["batches"].add(x.shape[0])
         dense_cost = state["dense_in_graph"] if whole and state["dense_in_graph"] else state["dense_cost"]
         cost = 1e-3 * sum((dense_cost(m) if callable(dense_cost) else dense_cost)
                           if m.groups == 1 and m.kernel_size != (1, 1) else 1.0
@@ -183,6 +184,11 @@ def test_convert_where_faster_converts_only_the_layers_that_gain(fake_runtime, t
     for name in ("features.0", "features.3"):  # the trained weights, exactly
         assert torch.equal(model.get_submodule(name).weight, original.get_submodule(name).weight)
     assert all(isinstance(model.get_submodule(n), DepthwiseSeparableConv2d) for n in ("features.6", "features.9"))
+    # at the batch asked, and --latency measures there too
+    fake_runtime["batches"].clear()
+    assert main(argv[:-3] + [str(tmp_path / "cv3"), "--deploy-batch", "3", "--latency", "fake", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["where_faster"]["batch"] == 3 and doc["latency"][0]["batch"] == 3 and fake_runtime["batches"] == {3}
     fake_runtime["dense_cost"] = 0.5  # every layer faster dense: nothing converted, no model written
     assert main(argv[:-4] + ["--out", str(tmp_path / "none"), "--no-progress"]) == 0
     assert "nothing converted" in capsys.readouterr().out and not (tmp_path / "none" / "model").exists()

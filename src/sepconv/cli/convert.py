@@ -54,12 +54,15 @@ def add(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default runs/convert-TO); the model goes to OUT/model")
     p.add_argument("--latency", nargs="*", choices=list(RUNTIMES), metavar="RUNTIME",
-                   help="also measure batch-1, one-thread latency before and after in these runtimes (default "
-                        "with no RUNTIME: torch-cl, and onnxruntime where installed); costs seconds to minutes")
+                   help="also measure one-thread latency at --deploy-batch before and after in these runtimes "
+                        "(default with no RUNTIME: torch-cl, and onnxruntime where installed); costs seconds to "
+                        "minutes")
     p.add_argument("--where-faster", metavar="RUNTIME", choices=list(RUNTIMES),
                    help="convert only the layers whose separable form runs faster than the regular conv it equals "
-                        "in RUNTIME (batch 1, --threads or 1; measured as `sepconv latency --forms fastest`): the "
-                        "others keep their trained weights, exactly; costs seconds to minutes")
+                        "in RUNTIME (at --deploy-batch, --threads or 1; measured as `sepconv latency --forms "
+                        "fastest`): the others keep their trained weights, exactly; costs seconds to minutes")
+    p.add_argument("--deploy-batch", type=positive_int, default=1, metavar="N",
+                   help="the batch size --latency and --where-faster measure at (default 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_trust_code(p)
@@ -93,11 +96,12 @@ def run(args) -> int:
         raise ConfigError(f"{args.model}: --latency and --where-faster need the input size: pass --input-size H W")
     where = None
     if args.where_faster:
-        chosen = choose_forms(new, tuple(shape), args.where_faster, batch=1, threads=args.threads or 1)
+        chosen = choose_forms(new, tuple(shape), args.where_faster, batch=args.deploy_batch,
+                              threads=args.threads or 1)
         slower = set(chosen.dense)
         ranks = {r["name"]: r["rank"] for r in rep.layers}
         keep = [n for n in ranks if n not in slower]
-        where = dict(runtime=args.where_faster, batch=1, threads=args.threads or 1, plan=chosen.plan,
+        where = dict(runtime=args.where_faster, batch=args.deploy_batch, threads=args.threads or 1, plan=chosen.plan,
                      kept_regular=sorted(slower), summary=chosen.summary())
         if not keep:
             doc = {"model": args.model, "data": args.data, "where_faster": where, "converted": []}
@@ -112,7 +116,7 @@ def run(args) -> int:
     if where:
         doc["where_faster"] = where
     if args.latency is not None:
-        doc["latency"] = _latency(model, new, tuple(shape), args.latency)
+        doc["latency"] = _latency(model, new, tuple(shape), args.latency, args.deploy_batch)
     save_model(new, out / "model")
     atomic_write_text(out / "report.json", json.dumps(doc, indent=2) + "\n")
     if args.json:
@@ -122,23 +126,24 @@ def run(args) -> int:
         if where:
             print(f"{where['summary']}; kept regular: {', '.join(where['kept_regular']) or 'none'}")
         for r in doc.get("latency", []):
-            print(f"latency {r['runtime']} (batch 1, 1 thread, median of {r['calls']}): {r['before_ms']:.3f} -> "
-                  f"{r['after_ms']:.3f} ms ({r['ratio']:.3f}x; FLOPs {r['flop_ratio']:.3f}x)")
+            print(f"latency {r['runtime']} (batch {r['batch']}, 1 thread, median of {r['calls']}): "
+                  f"{r['before_ms']:.3f} -> {r['after_ms']:.3f} ms ({r['ratio']:.3f}x; FLOPs {r['flop_ratio']:.3f}x)")
         print(f"model saved to {out / 'model'} (fine-tune: sepconv train --init {out / 'model'}); "
               f"report: {out / 'report.json'}")
     return 0
 
 
-def _latency(before: nn.Module, after: nn.Module, shape: tuple[int, ...], runtimes: list[str]) -> list[dict]:
-    """Batch-1, one-thread latency of the model before and after, each runtime's pair interleaved."""
+def _latency(before: nn.Module, after: nn.Module, shape: tuple[int, ...], runtimes: list[str],
+             batch: int = 1) -> list[dict]:
+    """One-thread latency at ``batch`` of the model before and after, each runtime's pair interleaved."""
     if not runtimes:
         runtimes = ["torch-cl"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])
     flops = profile(before, shape).flops, profile(after, shape).flops
     rows = []
     with torch_threads(1):
         for r in runtimes:
-            lat = measure({"before": runner(before, shape, r), "after": runner(after, shape, r)})
-            rows.append(dict(runtime=r, calls=lat["after"].n, before_ms=lat["before"].median,
+            lat = measure({"before": runner(before, shape, r, batch), "after": runner(after, shape, r, batch)})
+            rows.append(dict(runtime=r, batch=batch, calls=lat["after"].n, before_ms=lat["before"].median,
                              after_ms=lat["after"].median, ratio=lat["after"].median / lat["before"].median,
                              flop_ratio=flops[1] / max(flops[0], 1)))
     return rows
