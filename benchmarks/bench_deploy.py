@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 
 from sepconv.decompose import convert
-from sepconv.deploy import RUNTIMES, deployable, export_onnx, measure, torch_threads
+from sepconv.deploy import RUNTIMES, deployable, export_onnx, latency_ratio, measure, torch_threads
 from sepconv.deploy.export import onnx_session
-from sepconv.evidence import compare
 from sepconv.models import create_model, profile
 
 from ._util import md_table
@@ -150,8 +149,7 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                 ort, ort_base = lat[(k, "onnxruntime")].median, lat[(base, "onnxruntime")].median
                 fr = prof[k].flops / prof[base].flops
                 # paired rounds (the eager calls were interleaved): is the variant slower than the base?
-                slower = compare([math.log(t) for t in eager.samples], [math.log(t) for t in eager_base.samples],
-                                 "no_greater", 0.0)
+                slower = latency_ratio(eager, eager_base, "no_greater")
                 res = dict(model=name, variant=k, batch=batch, threads=threads, flop_ratio=fr,
                            eager_ratio=eager.median / eager_base.median, ort_ratio=ort / ort_base,
                            eager_slower=slower.held is False, eager_ci=(math.exp(slower.lo), math.exp(slower.hi)))
@@ -236,8 +234,7 @@ def _forms(quick: bool) -> list[list[str]]:
                 for runtime in ("torch", "torch-cl", "onnxruntime"):
                     lat = measure({"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)},
                                   repeats=3 if quick else 30, warmup=2, max_seconds=5 if quick else 60)
-                    c = compare([math.log(t) for t in lat["forms"].samples],
-                                [math.log(t) for t in lat["built"].samples], "less")
+                    c = latency_ratio(lat["forms"], lat["built"])
                     rows.append([label, str(batch), runtime, str(lat["built"]), str(lat["forms"]),
                                  f"{lat['forms'].median / lat['built'].median:.2f} "
                                  f"({math.exp(c.lo):.2f}-{math.exp(c.hi):.2f})"])

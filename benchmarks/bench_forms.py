@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from sepconv.deploy import choose_forms, deployable, measure, torch_threads
-from sepconv.evidence import compare
+from sepconv.deploy import choose_forms, deployable, latency_ratio, measure, torch_threads
 from sepconv.models import profile
 
 from ._util import md_table
@@ -43,7 +42,7 @@ GROUPS = [
 
 def _ratio(a, b) -> tuple[float, float, float]:
     """Latency ratio a / b: the geometric mean over the paired rounds and its 95 % interval."""
-    c = compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], "less")
+    c = latency_ratio(a, b)
     return math.exp(c.mean), math.exp(c.lo), math.exp(c.hi)
 
 
@@ -62,6 +61,7 @@ def run(quick: bool) -> str:
             repeats = 3 if quick else (30 if shape[1] < 100 else 10)
             for label, net in list(nets.items())[1:]:
                 sep = deployable(net, shape)
+                sep_ratio = profile(sep, shape).flops / flops0
                 chosen, lat = {}, {}
                 for rt in RUNTIMES:
                     t = time.perf_counter()
@@ -75,7 +75,7 @@ def run(quick: bool) -> str:
                         lat.update(measure(fns, repeats=repeats, warmup=2, max_seconds=5 if quick else 60))
                 for rt in RUNTIMES:
                     r_sep, r_ch = (_ratio(lat[(rt, k)], lat[(rt, "regular")]) for k in ("separable", "chosen"))
-                    rows.append([name, label, batch, rt, f"{profile(sep, shape).flops / flops0:.3f}",
+                    rows.append([name, label, batch, rt, f"{sep_ratio:.3f}",
                                  str(lat[(rt, "regular")]), str(lat[(rt, "separable")]), str(lat[(rt, "chosen")]),
                                  f"{len(chosen[rt].dense)}/{len(chosen[rt].choices)} ({chosen[rt].plan})",
                                  f"{profile(chosen[rt].model, shape).flops / flops0:.3f}",

@@ -107,6 +107,12 @@ def test_missing_onnxruntime_names_the_extra(capsys, tmp_path, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "pip install 'sepconv[deploy]'" in err
     code, stdout, err = run(capsys, "latency", "simple_cnn", "--input-size", "8", "8", "--repeats", "1")
     assert code == 0 and "onnxruntime" not in stdout and "not measured: onnxruntime" in err
+    # refused before converting: nothing written
+    for flag in (["--where-faster", "onnxruntime"], ["--latency", "onnxruntime"]):
+        code, _, err = run(capsys, "convert", "simple_cnn", "--input-size", "8", "8", "--out", str(tmp_path / "cv"),
+                           "--no-progress", *flag)
+        assert code == 2 and err.count("\n") == 1 and "pip install 'sepconv[deploy]'" in err
+        assert not (tmp_path / "cv" / "report.json").exists()
 
 
 def test_fastest_forms_in_latency_and_export(capsys, tmp_path):

@@ -5,6 +5,7 @@ once; the chosen model computes what the model computes."""
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 import sepconv.deploy.latency as latency_mod
 from sepconv.decompose import convert
-from sepconv.deploy import RUNTIMES, Runtime, choose_forms
+from sepconv.deploy import RUNTIMES, Latency, Runtime, choose_forms, latency_ratio
 from sepconv.errors import ConfigError
 from sepconv.layers import BSConvS, BSConvU, DepthwiseSeparableConv2d
 from sepconv.models import create_model
@@ -193,3 +194,12 @@ def test_convert_where_faster_converts_only_the_layers_that_gain(fake_runtime, t
     assert main(argv[:-4] + ["--out", str(tmp_path / "none"), "--no-progress"]) == 0
     assert "nothing converted" in capsys.readouterr().out and not (tmp_path / "none" / "model").exists()
     assert json.loads((tmp_path / "none" / "report.json").read_text())["converted"] == []
+
+
+def test_latency_ratio_pairs_the_rounds():
+    # a is 0.8x b in every round although both drift 4x over the rounds: paired, the interval is tight
+    b = Latency.of([0.001 * k for k in (1, 2, 3, 4)])
+    a = Latency.of([0.0008 * k for k in (1, 2, 3, 4)])
+    c = latency_ratio(a, b)
+    assert c.held and abs(c.mean - math.log(0.8)) < 1e-12 and c.hi < 0
+    assert latency_ratio(b, a).held is False and latency_ratio(a, b, "no_greater").held

@@ -175,7 +175,7 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
     A config may name a registry model (``"name"``) and replay the recipe steps sepconv
     registered (:func:`register_recipe`); nothing else runs. A ``"factory"``
     (``"package.module:callable"``) imports and calls code named by the file, so it is refused
-    unless ``trust_code=True`` -- a model directory is data from elsewhere. Bad structure or
+    unless the caller opts in with ``trust_code`` -- a model directory is data from elsewhere. Bad structure or
     values are a :class:`~sepconv.errors.SepconvError` naming ``where``.
     """
     check_config(cfg, where)
@@ -190,7 +190,7 @@ def build_from_config(cfg: dict, trust_code: bool = False, where: str = CONFIG_N
             raise WeightsError(
                 f"{where}: refused to import the factory {cfg['factory']!r}: it would run code named by the "
                 "file (a model directory may name registry models only); pass --trust-code "
-                "(trust_code=True) if you trust where it came from")
+                "(in Python, load_model's trust_code argument) if you trust where it came from")
         model = import_factory(cfg["factory"])(**kwargs)
         if not isinstance(model, nn.Module):
             raise _config_error(where, f"factory {cfg['factory']!r} returned {type(model).__name__}, "

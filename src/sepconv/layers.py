@@ -243,7 +243,8 @@ class _SeparableBlock(nn.Module):
         folded BatchNorm leaves one on an inner conv). The block is a regular conv when ``r`` is the
         same at every position (within float rounding), ``r`` then being the conv's bias; it is not
         when an inner bias meets zero padding (BSConv-U with a folded ``bn``: the padded border sees
-        0, not the bias), nor with a norm or activation between the convs (None then too)."""
+        0, not the bias), nor with a norm or activation between the convs (None then too);
+        docs/decomposition.md Sec. 4."""
         try:
             weight = self.dense_weight()
         except UnsupportedLayerError:

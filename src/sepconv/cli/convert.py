@@ -11,7 +11,7 @@ from torch import nn
 from ..data import list_datasets, load_dataset
 from ..decompose import METHODS as CONVERT_METHODS
 from ..decompose import convert, target_names
-from ..deploy import RUNTIMES, choose_forms, measure, runner, torch_threads
+from ..deploy import RUNTIMES, choose_forms, measure, require_runtime, runner, torch_threads
 from ..errors import ConfigError
 from ..guard import writable_dir
 from ..io import atomic_write_text, model_from_spec, save_model
@@ -73,6 +73,8 @@ def run(args) -> int:
     if args.method == "gsvd" and not args.data:
         raise ConfigError("--method gsvd fits on calibration images: give --data NAME (or use --method svd)")
     out = writable_dir(args.out or f"runs/convert-{args.to}", "--out")  # before the work, not after it
+    for r in (args.latency or []) + ([args.where_faster] if args.where_faster else []):
+        require_runtime(r)
     data = None
     kw = {}
     if args.data:
@@ -90,10 +92,10 @@ def run(args) -> int:
     how = dict(to=args.to, method=args.method, data=data, multilayer=args.multilayer, input_size=input_size,
                num_samples=args.samples, max_patches=args.max_patches, p=args.p,
                progress=None if args.progress and not args.json else False)  # None: a bar on a terminal
-    new, rep = convert(model, rank=args.rank, energy=args.energy, speedup=args.speedup, **how)
     shape = (data.in_chans, *data.image_size) if data is not None else input_size or default_input_shape(model)
-    if shape is None and (args.latency is not None or args.where_faster):
+    if shape is None and (args.latency is not None or args.where_faster):  # before the work, not after it
         raise ConfigError(f"{args.model}: --latency and --where-faster need the input size: pass --input-size H W")
+    new, rep = convert(model, rank=args.rank, energy=args.energy, speedup=args.speedup, **how)
     where = None
     if args.where_faster:
         chosen = choose_forms(new, tuple(shape), args.where_faster, batch=args.deploy_batch,

@@ -7,8 +7,7 @@ import importlib.util
 import json
 import sys
 
-from ..deploy import RUNTIMES, choose_forms, measure, runner, torch_threads
-from ..errors import MissingDependencyError
+from ..deploy import RUNTIMES, choose_forms, measure, require_runtime, runner, torch_threads
 from ..io import model_from_spec
 from ..models import profile
 from ..runtime import oversubscription
@@ -54,11 +53,8 @@ def run(args) -> int:
     if runtimes is None:
         runtimes = [r for r in DEFAULT_RUNTIMES if r != "onnxruntime" or importlib.util.find_spec("onnxruntime")]
         skipped = [r for r in DEFAULT_RUNTIMES if r not in runtimes]
-    elif "onnxruntime" in runtimes:
-        for dep in ("onnxruntime", "onnx", "onnxscript"):
-            if importlib.util.find_spec(dep) is None:
-                raise MissingDependencyError(f"--runtime onnxruntime needs the Python package {dep!r}, which is "
-                                             "not installed: pip install 'sepconv[deploy]'")
+    for r in runtimes:
+        require_runtime(r)
     model = model_from_spec(args.model, weights=args.weights, num_classes=args.num_classes,
                             trust_code=args.trust_code)
     shape = input_shape(model, args)

@@ -16,8 +16,19 @@ everything here but the ONNX parts works, and those say which extra to install.
 from .choose import ChosenForms, FormChoice, choose_forms
 from .export import DEFAULT_OPSET, ExportCheck, ExportResult, export_onnx, relative_error
 from .fold import bake_parametrizations, deployable, fold_batchnorm, folded_affine
-from .latency import RUNTIMES, Latency, Runtime, measure, measure_latency, runner, torch_threads
+from .latency import (
+    RUNTIMES,
+    Latency,
+    Runtime,
+    latency_ratio,
+    measure,
+    measure_latency,
+    require_runtime,
+    runner,
+    torch_threads,
+)
 
 __all__ = ["DEFAULT_OPSET", "RUNTIMES", "ChosenForms", "ExportCheck", "ExportResult", "FormChoice", "Latency",
            "Runtime", "bake_parametrizations", "choose_forms", "deployable", "export_onnx", "fold_batchnorm",
-           "folded_affine", "measure", "measure_latency", "relative_error", "runner", "torch_threads"]
+           "folded_affine", "latency_ratio", "measure", "measure_latency", "relative_error", "require_runtime",
+           "runner", "torch_threads"]

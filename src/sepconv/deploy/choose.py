@@ -9,11 +9,11 @@ replace (BENCHMARKS.md, "Fastest exact forms": in PyTorch eager at batch 1, ever
 ResNet-20 runs faster dense). :func:`choose_forms` times both forms
 of every such block, on the block's own input shape, in the runtime, batch and thread count given.
 The calls are interleaved, as in :func:`~sepconv.deploy.measure`. It keeps the dense conv only
-where the paired 95 % interval of the latency ratio lies below 1 (:func:`sepconv.evidence.compare`
-on log times); otherwise the block stays separable. Blocks with equal forms and input shapes are
-timed once: latency depends on shapes, not on values. A block timed alone is not the block in its
-graph, so the per-block choice is then checked on the whole model against all blocks separable and
-all dense; the fastest of the three, by the same paired rule, is kept.
+where the paired 95 % interval of the latency ratio lies below 1
+(:func:`~sepconv.deploy.latency_ratio`); otherwise the block stays separable. Blocks with equal
+forms and input shapes are timed once: latency depends on shapes, not on values. A block timed
+alone is not the block in its graph, so the per-block choice is then checked on the whole model
+against all blocks separable and all dense; the fastest of the three, by the same paired rule, is kept.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..evidence import compare
 from ..layers import _SeparableBlock
 from ..probe import dry_forward
 from .export import _check_shape
 from .fold import deployable
-from .latency import RUNTIMES, Latency, measure, torch_threads
+from .latency import RUNTIMES, Latency, latency_ratio, measure, torch_threads
 
 __all__ = ["ChosenForms", "FormChoice", "choose_forms"]
 
@@ -79,11 +78,6 @@ class ChosenForms:
         return (f"fastest forms in {self.runtime} (batch {self.batch}, {self.threads} thread"
                 f"{'s' if self.threads > 1 else ''}): {len(self.dense)} of {len(self.choices)} separable blocks run "
                 f"as their dense conv ({self.plan}" + (f"; whole model: {timed})" if timed else ")"))
-
-
-def _paired_ratio(a: Latency, b: Latency):
-    """The comparison of log times a vs b over the paired rounds (claim: a is faster)."""
-    return compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], claim="less")
 
 
 def _measured(nets: dict[str, nn.Module], shape, runtime: str, batch: int, threads: int, repeats: int,
@@ -147,7 +141,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
                 sub.mkdir()
                 lat = _measured({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, repeats,
                                 max_seconds, sub)
-                timed[key] = (lat["separable"], lat["dense"], _paired_ratio(lat["dense"], lat["separable"]))
+                timed[key] = (lat["separable"], lat["dense"], latency_ratio(lat["dense"], lat["separable"]))
             dense[name] = conv.eval()
             alone[name] = timed[key]
         plans = {"all separable": (), "per block": tuple(n for n in dense if alone[n][2].held),
@@ -160,7 +154,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             nets = {label: _assembled(net, {n: dense[n] for n in names}, shape) for names, label in distinct.items()}
             whole = _measured(nets, shape, runtime, batch, threads, repeats, 5 * max_seconds, tmp)
             for label in list(nets)[1:]:
-                if _paired_ratio(whole[label], whole[plan]).held:
+                if latency_ratio(whole[label], whole[plan]).held:
                     plan = label
         chosen = set(plans[plan])
     out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape), runtime, batch, threads, whole=whole,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -32,10 +33,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .export import _check_shape, export_onnx, onnx_session
+from ..evidence import Comparison, compare
+from .export import _check_shape, export_onnx, onnx_session, require
 from .fold import deployable
 
-__all__ = ["RUNTIMES", "Latency", "Runtime", "measure", "measure_latency", "runner", "torch_threads"]
+__all__ = ["RUNTIMES", "Latency", "Runtime", "latency_ratio", "measure", "measure_latency", "require_runtime", "runner",
+           "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ class Latency:
         ms = [1e3 * s for s in seconds]
         q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
         return cls(q[1], q[0], q[2], len(ms), tuple(ms))
+
+
+def latency_ratio(a: Latency, b: Latency, claim: str = "less", delta: float = 0.0) -> Comparison:
+    """``a`` against ``b`` timed in the same interleaved rounds (:func:`measure`): the paired comparison of
+    their log times (:func:`sepconv.evidence.compare`; ``exp`` of its mean, ``lo`` and ``hi`` is the
+    geometric-mean latency ratio ``a / b`` and its 95 % interval). The default claim: ``a`` is faster."""
+    return compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], claim, delta)
 
 
 @contextlib.contextmanager
@@ -114,6 +124,16 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("torch-compile", "torch.compile (inductor); compile time excluded", _compiled),
     Runtime("onnxruntime", "ONNX Runtime CPU, the verified ONNX export, all graph optimizations", _onnxruntime),
 )}
+
+
+def require_runtime(runtime: str) -> None:
+    """Refuse, in one line naming the extra to install, a runtime whose packages are missing -- before
+    any work is done (ONNX Runtime needs onnxruntime, onnx and onnxscript: ``sepconv[deploy]``)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        for dep in ("onnxruntime", "onnx", "onnxscript"):
+            require(dep, f"--runtime {runtime}")
 
 
 def runner(model: nn.Module, input_shape: Sequence[int], runtime: str = "torch", batch: int = 1, threads: int = 1,
