@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from ..errors import ConfigError
 from ..guard import writable_file
 from ..io import model_from_spec
 from ..plots import spectrum_plot
-from ..spectral import analyze, curvature_bound, lipschitz_bound, method_names
+from ..spectral import analyze, certificate_budget, curvature_bound, lipschitz_bound, method_names
 from .args import add_trust_code, input_shape, model_arg, positive_float, positive_int
 
 
@@ -36,6 +37,10 @@ def add(sub) -> argparse.ArgumentParser:
                    help="largest input l2 norm; needed to bound products of activations (squeeze-excitation)")
     p.add_argument("--tol", type=positive_float, default=1e-4,
                    help="relative tolerance of exact values and of the network bound's layers (default 1e-4)")
+    p.add_argument("--certificate-flops", type=positive_float, default=None, metavar="FLOPS",
+                   help="most a zero-padded layer's certificate may cost (default 2e11: seconds on 2 cores; "
+                        "BENCHMARKS.md); more certifies larger layers to --tol, e.g. 2e14 every conv of ResNet-50 "
+                        "at 224x224 (with SEPCONV_MEMORY_LIMIT=8G: their certificates take up to 3 GB)")
     p.add_argument("--curvature", action="store_true",
                    help="also the certified curvature bound (largest |eigenvalue| of each logit's input Hessian; "
                         "smooth activations only), from the --bound method's per-layer norms")
@@ -55,26 +60,29 @@ def run(args) -> int:
     shape = input_shape(model, args)
     if args.layer is not None and not isinstance(dict(model.named_modules()).get(args.layer), nn.Conv2d):
         raise ConfigError(f"--layer {args.layer!r}: no such Conv2d in the model")
-    t = time.perf_counter()
     progress = not args.json and sys.stderr.isatty()
-    # the network bound at the same tol: it reuses the brackets analyze searched where it can
-    records = analyze(model, shape, methods=args.method, tol=args.tol, progress=progress)
-    t_layers = time.perf_counter() - t
-    t = time.perf_counter()
-    C = None
-    if args.curvature:  # refuses a non-smooth model with one line naming the node; L from the same norms
-        L, C = curvature_bound(model, shape, method=args.bound, tol=args.tol, lipschitz=True, progress=progress)
-    if C is None or args.input_bound is not None:
-        L = lipschitz_bound(model, shape, method=args.bound, tol=args.tol, input_bound=args.input_bound,
-                            progress=progress)
-    t_net = time.perf_counter() - t
+    budget = (certificate_budget(args.certificate_flops) if args.certificate_flops is not None
+              else contextlib.nullcontext())
+    with budget:
+        t = time.perf_counter()
+        # the network bound at the same tol: it reuses the brackets analyze searched where it can
+        records = analyze(model, shape, methods=args.method, tol=args.tol, progress=progress)
+        t_layers = time.perf_counter() - t
+        t = time.perf_counter()
+        C = None
+        if args.curvature:  # refuses a non-smooth model with one line naming the node; L from the same norms
+            L, C = curvature_bound(model, shape, method=args.bound, tol=args.tol, lipschitz=True, progress=progress)
+        if C is None or args.input_bound is not None:
+            L = lipschitz_bound(model, shape, method=args.bound, tol=args.tol, input_bound=args.input_bound,
+                                progress=progress)
+        t_net = time.perf_counter() - t
     ref = "exact" if "exact" in args.method else None
     plotted = spectrum_plot(args.plot, records, model, shape, args.layer) if args.plot else None
     if args.json:
         doc = {
             "model": args.model, "input_shape": list(shape), "methods": args.method,
             "layers": [{"name": r.name, "type": r.kind, "geometry": r.geometry, "values": r.values,
-                        "seconds": r.seconds} for r in records],
+                        "seconds": r.seconds, "certified_by": r.certified_by} for r in records],
             "lipschitz_bound": L, "curvature_bound": C, "bound_method": args.bound, "input_bound": args.input_bound,
             "seconds": {"layers": t_layers, "network": t_net}, "plot": args.plot, "plotted_layer": plotted,
         }
@@ -83,13 +91,16 @@ def run(args) -> int:
     header = ["layer", "type", "geometry"] + list(args.method)
     if ref:
         header += [f"{m}/exact" for m in args.method if m not in ("exact", "power")]
-    header += ["time"]
+    by = any(r.certified_by for r in records)  # what certified each upper end (cholesky: within --tol)
+    header += ["upper by"] * by + ["time"]
     rows = []
     for r in records:
         row = [r.name, r.kind, r.geometry] + [f"{r.values[m]:.5g}" for m in args.method]
         if ref:
             row += [f"{r.values[m] / r.values[ref]:.4f}" if r.values[ref] > 0 else "-"
                     for m in args.method if m not in ("exact", "power")]
+        if by:
+            row.append(r.certified_by or "-")
         shared = {m: r.seconds[m] for m in ("exact", "upper") if m in r.seconds}  # one bracket serves both
         total = sum(v for m, v in r.seconds.items() if m not in shared) + max(shared.values(), default=0.0)
         row.append(f"{total * 1e3:.1f} ms")

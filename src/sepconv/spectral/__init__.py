@@ -14,7 +14,11 @@ rounded to half would no longer be a bound); results are float32 (``depthwise_no
 that builds a dense operator, a frequency grid, LOBPCG vectors or a dry forward pass estimates
 its bytes first and stays within ``max_memory`` (bytes; default 2 GiB, or
 ``$SEPCONV_MEMORY_LIMIT``): it takes a cheaper certified route where one exists, else raises a
-:class:`~sepconv.errors.ResourceError` with the estimate.
+:class:`~sepconv.errors.ResourceError` with the estimate. **Work**: a zero-padded layer's upper end
+is certified to ``tol`` by a banded Cholesky factorisation when it costs at most 2e11 flops;
+``with certificate_budget(flops):`` raises that for every call inside (``sepconv spectrum
+--certificate-flops``), and ``analyze``/``lipschitz_bound(progress=True)`` show the long searches'
+progress inside each layer.
 
 >>> from sepconv.spectral import ConvSpec, spectral_norm, norm_bracket
 >>> spec = ConvSpec.of(conv, in_size=(32, 32))
@@ -29,6 +33,7 @@ and :func:`spectral_norm`, :func:`analyze`, :func:`lipschitz_bound`,
 """
 
 from .bounds import fantastic_four, fantastic_four_terms, fft_bound, gram_iteration, majorant_kernel, reshape_norm
+from .bracketing import certificate_budget
 from .certificates import Certificate, certified_accuracy, certified_radii, margin_radii, pairwise_radii
 from .composite import batchnorm_lipschitz, chain_norm, linear_norm, merge_chain
 from .curvature import curvature_bound, curvature_penalty
@@ -64,6 +69,7 @@ __all__ = [
     "analyze",
     "batchnorm_lipschitz",
     "bracket",
+    "certificate_budget",
     "certified_accuracy",
     "certified_radii",
     "chain_norm",

@@ -14,22 +14,27 @@ are :func:`sepconv.spectral.exact.bracket`, :func:`~sepconv.spectral.exact.norm_
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ResourceError
-from . import bounds, certify, fourier, iterative, validate
+from . import bounds, certify, fourier, iterative, progress, validate
 from .spec import ConvSpec, norm_of_padding, tap_sources_1d
 
 __all__ = ["CERTIFICATE_BYTES", "CERTIFICATE_FLOPS", "CERTIFICATE_SHARE", "DENSE_FLOPS", "Bracket", "bracket_args",
-           "check_problem", "RECENT", "RECENT_BYTES", "circulant_problem", "is_pointwise", "outward", "solve"]
+           "certificate_budget", "check_problem", "RECENT", "RECENT_BYTES", "circulant_problem", "is_pointwise",
+           "outward", "solve"]
 
 #: Dense SVD of the operator when ``rows * cols * min(rows, cols)`` is at most this.
 DENSE_FLOPS = 3e9
-#: Banded Cholesky certificate when its flop count is at most this ...
+#: Banded Cholesky certificate when its flop count is at most this (``certificate_flops=None``; raised
+#: inside :func:`certificate_budget`) ...
 CERTIFICATE_FLOPS = 2e11
 #: ... and its memory at most this share of the memory budget (the rest for LOBPCG, the weight and the
 #: caller): :data:`CERTIFICATE_BYTES` under the default budget, more where ``$SEPCONV_MEMORY_LIMIT`` allows.
@@ -70,7 +75,32 @@ def check_problem(weight: Tensor, spec: ConvSpec, ks, grid, stride, where: str, 
     validate.check_memory(nbytes, _problem_what(where, weight, spec, ks, grid), max_memory)
 
 
+_BUDGET: ContextVar[float | None] = ContextVar("sepconv_certificate_flops", default=None)
+
+
+@contextlib.contextmanager
+def certificate_budget(flops: float) -> Iterator[None]:
+    """Inside the block, a banded Cholesky certificate may cost up to ``flops`` (default
+    :data:`CERTIFICATE_FLOPS`) wherever ``certificate_flops`` is not passed: in :func:`bracket`,
+    :func:`norm_bracket`, :func:`upper_bound`, :func:`analyze`, :func:`lipschitz_bound` and what calls
+    them (``sepconv spectrum --certificate-flops``). The certificate costs ``H (1/3 + B + B^2 + 1)
+    (c W)^3`` flops (:func:`~.certify.certificate_cost`), e.g. 1.9e13 for a 64-channel 3x3 conv at
+    56x56; its memory stays within :data:`CERTIFICATE_SHARE` of the memory budget (raise it with
+    ``$SEPCONV_MEMORY_LIMIT``). A scoped setting (a context variable, like ``torch.no_grad``): the
+    functions stay pure functions of their arguments and of it."""
+    token = _BUDGET.set(validate.nonnegative(flops, "certificate_budget", "flops"))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 def bracket_args(where: str, tol, max_iter, certificate_flops, dense_flops, seed, max_memory) -> tuple:
+    """The search's arguments validated; ``certificate_flops=None``: :func:`certificate_budget`'s, else
+    :data:`CERTIFICATE_FLOPS`."""
+    if certificate_flops is None:
+        certificate_flops = _BUDGET.get()
+        certificate_flops = CERTIFICATE_FLOPS if certificate_flops is None else certificate_flops
     return (validate.tolerance(tol, where), validate.count(max_iter, where, "max_iter"),
             validate.nonnegative(certificate_flops, where, "certificate_flops"),
             validate.nonnegative(dense_flops, where, "dense_flops"),
@@ -78,7 +108,7 @@ def bracket_args(where: str, tol, max_iter, certificate_flops, dense_flops, seed
 
 
 #: Bytes of weights :func:`solve` keeps to recognise a multiple of a weight it solved (:class:`_Recent`).
-RECENT_BYTES = 64 * 2**20
+RECENT_BYTES = 128 * 2**20
 
 
 class _Recent:
@@ -87,9 +117,9 @@ class _Recent:
     ``delta = ||pad|| sum_taps ||E_tap||_F >= ||T(E)||`` (each tap is a selection of the padded input
     times ``E_tap``; a grouped ``E_tap`` is block-diagonal, of norm at most its Frobenius norm), used
     when ``delta <= 1e-10 |r| upper`` -- certified, the same bracket up to rounding. Kept by
-    geometry, shape and ``tol``; a bracket searched with a lower end also serves a request without
-    one (its upper end is at least as tight), the route limits (``max_iter``, flops, memory) only
-    chose how it was found. It spares
+    geometry, shape, ``tol`` and the certificate's flop and memory budgets (under a smaller one the
+    bracket may be wider); a bracket searched with a lower end also serves a request without
+    one (its upper end is at least as tight). It spares
     :func:`~sepconv.spectral.lipschitz_bound` the search ``analyze`` just did where a conv's chain
     is the conv itself, or the conv times a uniform BatchNorm scale (a default-initialised network),
     and the curvature and Lipschitz bounds of one model each other's. Keeps copies of at most
@@ -121,6 +151,8 @@ class _Recent:
 
     def put(self, key: tuple, weight: Tensor, lower: bool, br: Bracket) -> None:
         kept = weight.detach().clone()
+        if kept.dtype == torch.float64 and torch.equal(kept.to(torch.float32).to(torch.float64), kept):
+            kept = kept.to(torch.float32)  # a float32 model's weights, widened: kept at half the bytes, exactly
         size = kept.numel() * kept.element_size()
         if size > RECENT_BYTES:
             return
@@ -148,7 +180,7 @@ def solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_i
     forms: 1x1, circulant) are remembered for a multiple of the same weight (:class:`_Recent`)."""
     if is_pointwise(spec, ks) or spec.is_circulant(ks):
         return _solve(weight, spec, ks, tol, max_iter, certificate_flops, dense_flops, seed, limit, lower, split)
-    key = (spec, tuple(weight.shape), str(weight.device), tol, split)
+    key = (spec, tuple(weight.shape), str(weight.device), tol, split, certificate_flops, limit)
     br = RECENT.get(key, weight.detach().to(torch.float64), spec, ks, lower)
     if br is None:
         br = _solve(weight, spec, ks, tol, max_iter, certificate_flops, dense_flops, seed, limit, lower, split)
@@ -241,19 +273,23 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
     rtol = min(1e-2, 0.1 * math.sqrt(tol)) if affordable else tol / 10
     target = (upper / (1 + tol)) ** 2
     X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
-    ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+    with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
+        ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
     lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
     if upper > lo * (1 + tol) and affordable:
         bg = certify.BandedGram(w64, spec)
         for attempt in range(4):
             mu = (lo * (1 + tol)) ** 2
-            if bool(certify.cholesky_certificate(bg, mu).all()):
+            with progress.bar(f"certificate ({flops:.1e} flops)", total=bg.H, unit="block row") as bar:
+                certified = bool(certify.cholesky_certificate(bg, mu, bar).all())
+            if certified:
                 upper, how = min(upper, math.sqrt(mu)), "cholesky"
                 break
             # some group has an eigenvalue above mu: iterate further (the last attempt from a fresh block)
             rtol /= 10
             X0 = ritz.X if attempt < 2 else iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1)
-            ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target)
+            with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
+                ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
             lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
     return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
 

@@ -191,13 +191,14 @@ def _downdate(S: Tensor, P: Tensor) -> None:
         S[:, h:, h:].sub_(bottom @ bottom.mT)
 
 
-def cholesky_certificate(bg: BandedGram, mu: float) -> Tensor:
+def cholesky_certificate(bg: BandedGram, mu: float, bar=None) -> Tensor:
     """Per group, whether ``mu I - A`` is certified positive definite, i.e. ``sigma_max <= sqrt(mu)``
     up to the rounding margin (returns ``(g,)`` bools). A block Cholesky factorisation of the
     block-banded matrix, row by row (left-looking), keeping for each of the next ``band`` rows
     ``k`` the panel ``[L_{k,k-B} .. L_{k,k-1}]`` ``(g, m, B m)``, ``m = cW``. Per block row: one
     ``syrk`` of the panel (``B m^3`` flops), one ``potrf`` (``m^3/3``), ``B(B-1)/2`` products
-    (``2 m^3`` each) and one triangular solve of ``B`` blocks (``B m^3``)."""
+    (``2 m^3`` each) and one triangular solve of ``B`` blocks (``B m^3``). ``bar`` (a tqdm bar,
+    optional) advances once per block row."""
     H, B, m = bg.H, bg.band, bg.block
     # rounding: the factorisation is exact for mu I - A + E, ||E|| <= c D u ||mu I - A||; shrink mu
     mu_eff = mu * (1 - 4 * (B + 1) * m * torch.finfo(torch.float64).eps)
@@ -205,6 +206,8 @@ def cholesky_certificate(bg: BandedGram, mu: float) -> Tensor:
     panels: dict[int, Tensor] = {}
     spare: list[Tensor] = []  # panels of finished rows, reused (a slot is written before it is read)
     for i in range(H):
+        if bar is not None:
+            bar.update()
         S = bg.blk(i, i, -1.0)
         S.diagonal(dim1=-2, dim2=-1).add_(mu_eff)
         if i > 0 and B > 0:

@@ -196,7 +196,7 @@ def singular_values(weight: Tensor, spec: ConvSpec, dense_limit: float = DENSE_F
 
 
 def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
-            certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS,
+            certificate_flops: float | None = None, dense_flops: float = DENSE_FLOPS,
             seed: int = 0, lower: bool = True, max_memory: float | None = None) -> Bracket:
     """Certified ``lower <= sigma_max(T) <= upper`` for any geometry, aiming at ``upper/lower <= 1 + tol``.
 
@@ -222,6 +222,9 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     Fantastic Four), and when none fits a :class:`~sepconv.errors.ResourceError` names the layer
     geometry and the estimate. Arguments are validated: ``0 < tol < 1``, ``1 <= max_iter <= 10^6``,
     finite weights; half/bfloat16 weights are computed like the others (in float64).
+    ``certificate_flops``: the most the certificate may cost (default ``None``:
+    :data:`~.bracketing.CERTIFICATE_FLOPS`, 2e11, or what :func:`~.bracketing.certificate_budget`
+    sets around the call).
     """
     weight, ks = validate.conv_weight(weight, spec, "bracket")
     args = bracket_args("bracket", tol, max_iter, certificate_flops, dense_flops, seed, max_memory)
@@ -230,7 +233,7 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
 
 
 def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 500,
-               certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS,
+               certificate_flops: float | None = None, dense_flops: float = DENSE_FLOPS,
                max_memory: float | None = None) -> Tensor:
     """The largest singular value of the map ``nn.Conv2d`` computes at ``spec.in_size``, within ``tol``.
 
@@ -274,7 +277,7 @@ def exact_norm(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int 
 
 
 def norm_bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, max_iter: int = 500,
-                 certificate_flops: float = CERTIFICATE_FLOPS, dense_flops: float = DENSE_FLOPS, seed: int = 0,
+                 certificate_flops: float | None = None, dense_flops: float = DENSE_FLOPS, seed: int = 0,
                  lower: bool = True, max_memory: float | None = None) -> tuple[Tensor, Tensor]:
     """``(lower, upper)`` with ``lower <= sigma_max <= upper`` **guaranteed**, for any geometry.
 
@@ -299,7 +302,7 @@ def upper_bound(weight: Tensor, spec: ConvSpec, tol: float = 1e-4, max_iter: int
     Four; docs/spectral.md Sec. 2-6). Not differentiable (a number from the search, returned in
     the weight's dtype, rounded upwards). Validated and memory-bounded like :func:`bracket`.
     """
-    return _norm_bracket("upper_bound", weight, spec, tol, max_iter, CERTIFICATE_FLOPS, DENSE_FLOPS, 0,
+    return _norm_bracket("upper_bound", weight, spec, tol, max_iter, None, DENSE_FLOPS, 0,
                          lower=False, max_memory=max_memory)[1]
 
 

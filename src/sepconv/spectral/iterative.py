@@ -138,7 +138,8 @@ class Ritz:
     applications: int
 
 
-def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300, target: float = math.inf) -> Ritz:
+def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300, target: float = math.inf,
+           bar=None) -> Ritz:
     """Largest eigenpairs of ``A = T^T T`` per group by block LOBPCG without preconditioner
     (Knyazev 2001, SIAM J. Sci. Comput. 23(2)), until the top residual of every group is
     ``<= rtol * theta_1`` (then an eigenvalue lies within ``rtol theta_1`` of ``theta_1``), the
@@ -146,7 +147,7 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
     ``tol`` of a certified upper bound), or ``max_iter`` iterations. The search directions are
     applied to ``A`` explicitly each step (no implicit updates of ``A P``, whose rounding would
     corrupt converged residuals), and the final Ritz values come from freshly applied vectors:
-    they are Rayleigh quotients.
+    they are Rayleigh quotients. ``bar`` (a tqdm bar, optional) advances once per iteration.
     """
     b = X0.shape[-1]
     X = orthonormalize(X0)
@@ -158,6 +159,8 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
         res = R.norm(dim=1)
         if bool((res[:, 0] <= rtol * theta[:, 0].abs()).all()) or float(theta[:, 0].max()) >= target:
             break
+        if bar is not None:
+            bar.update()
         W = orthonormalize(torch.cat([R, P], -1) if P is not None else R, X)
         _, Xn, AXn = rayleigh_ritz(torch.cat([X, W], -1), torch.cat([AX, op(W)], -1), b)
         P = Xn - X @ (X.mT @ Xn)
@@ -173,22 +176,23 @@ def lobpcg(op: GramOperator, X0: Tensor, rtol: float = 1e-9, max_iter: int = 300
 FLOAT32_RTOL = 1e-5
 
 
-def iterate(op: GramOperator, X0: Tensor, rtol: float, max_iter: int = 300, target: float = math.inf) -> Ritz:
+def iterate(op: GramOperator, X0: Tensor, rtol: float, max_iter: int = 300, target: float = math.inf,
+            bar=None) -> Ritz:
     """:func:`lobpcg` on ``op`` (float64) to the same stopping rule, the bulk of it in float32: with
     ``rtol >= FLOAT32_RTOL`` the iteration runs on a float32 copy of the operator first, then
     float64 LOBPCG continues from its vectors -- its first Rayleigh--Ritz step on freshly applied
     float64 vectors checks the rule again, so the result (values, vectors, residuals) is float64
     and what :func:`lobpcg` promises. The float32 phase only saves time: a lower end stays a
     Rayleigh quotient of the float64 operator. It gets half of ``max_iter`` (should it stall above
-    ``rtol``, float64 has the rest)."""
+    ``rtol``, float64 has the rest). ``bar``: as in :func:`lobpcg`, over both phases."""
     iterations = 0
     if rtol >= FLOAT32_RTOL and op.weight.dtype == torch.float64 and max_iter > 1:
         fast = GramOperator(op.weight, op.spec, torch.float32)
-        first = lobpcg(fast, X0.to(torch.float32), rtol, max_iter // 2, target)
+        first = lobpcg(fast, X0.to(torch.float32), rtol, max_iter // 2, target, bar)
         X0, iterations = first.X.to(torch.float64), first.iterations
         op.applications += fast.applications
         del first, fast
-    ritz = lobpcg(op, X0, rtol, max(1, max_iter - iterations), target)
+    ritz = lobpcg(op, X0, rtol, max(1, max_iter - iterations), target, bar)
     ritz.iterations += iterations
     return ritz
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, SepconvError, UnsupportedLayerError
 from ..probe import LayerStack, check_forward_memory, input_dtype
 from . import composite, validate
+from . import progress as spectral_progress
 from .lipschitz_rules import (
     ACTIVATION_LIPSCHITZ,
     ACTIVATION_RANGE,
@@ -214,7 +215,8 @@ class _Propagator:
         w = weight.detach().to(torch.float64)
         method = self.ctx.method
         try:
-            return float(method.fn(w, spec, **method.caller_options(self.ctx.tol, self.ctx.max_memory)))
+            with spectral_progress.layer(layer if self.ctx.progress else None):  # bars inside a long layer
+                return float(method.fn(w, spec, **method.caller_options(self.ctx.tol, self.ctx.max_memory)))
         except SepconvError as e:
             raise type(e)(f"{self.ctx.where}: layer {layer!r} ({spec.describe(weight.shape[-2:])}): {e}") from None
 
@@ -469,7 +471,8 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int], method: str = 
     ``0 < tol < 1``, the method, a finite ``input_bound > 0``, finite weights and BatchNorm
     statistics in every layer (:func:`sepconv.guard.check_finite`); the dry forward pass is
     estimated on the meta device and refused above ``max_memory`` bytes (default 2 GiB), which
-    also bounds each layer's computation. ``progress=True`` shows a bar over the layers (stderr).
+    also bounds each layer's computation. ``progress=True`` shows a bar over the layers (stderr), and
+    bars inside a layer whose search runs long (:mod:`sepconv.spectral.progress`).
     A conv whose bracket was just searched (by :func:`~sepconv.spectral.analyze` at the same
     ``tol``, say) is not searched again, nor is a multiple of it (a conv times a uniform BatchNorm
     scale): :class:`sepconv.spectral.bracketing._Recent`.

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, SepconvError
 from ..probe import dry_forward
 from . import exact, validate
+from . import progress as spectral_progress
 from .certificates import Certificate, certified_accuracy, certified_radii
 from .lipschitz import lipschitz_bound, trace
 from .lipschitz_rules import ACTIVATION_LIPSCHITZ, ACTIVATION_RANGE, pad_lipschitz, pool_lipschitz
@@ -45,13 +46,17 @@ def __getattr__(name: str) -> tuple[str, ...]:
 
 @dataclass
 class LayerRecord:
-    """One layer of :func:`analyze`: its name, type, geometry, a value and a time per method."""
+    """One layer of :func:`analyze`: its name, type, geometry, a value and a time per method, and --
+    where ``exact`` or ``upper`` was asked -- what certified the upper end (``certified_by``, as
+    :attr:`~sepconv.spectral.Bracket.how`: ``cholesky``, ``circulant``, ``pointwise`` and ``dense``
+    certify the norm within ``tol``; ``majorant`` and ``fantastic4`` are wider bounds)."""
 
     name: str
     kind: str
     geometry: str
     values: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    certified_by: str | None = None
 
 
 
@@ -82,6 +87,8 @@ def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str]
     Validated before any work like :func:`lipschitz_bound` (input shape, ``0 < tol < 1``, finite
     weights and BatchNorm statistics in every layer); the dry forward pass and each layer's
     computation stay within ``max_memory`` bytes (default 2 GiB), and a layer's error names it.
+    ``progress=True``: a bar over the layers, and inside a layer whose search runs long, bars over
+    its LOBPCG iterations and its certificate's block rows (stderr; :mod:`sepconv.spectral.progress`).
     """
     where = "analyze"
     known = method_names()
@@ -102,7 +109,8 @@ def analyze(model: nn.Module, input_shape: Sequence[int], methods: Iterable[str]
     records = []
     for name, (mod, shape) in items:
         try:
-            records.append(_analyze_layer(name, mod, shape, methods, tol, max_memory))
+            with spectral_progress.layer(name if progress else None):  # bars inside a long layer
+                records.append(_analyze_layer(name, mod, shape, methods, tol, max_memory))
         except SepconvError as e:
             raise type(e)(f"analyze: layer {name!r} ({type(mod).__name__}): {e}") from None
     return records
@@ -117,7 +125,8 @@ def _analyze_layer(name: str, mod: nn.Module, shape: tuple[int, ...], methods: t
         v = float(torch.linalg.svdvals(w)[0])
         dt = time.perf_counter() - t
         return LayerRecord(name, "Linear", f"{mod.in_features}->{mod.out_features}",
-                           {m: v for m in methods}, {m: dt for m in methods})
+                           {m: v for m in methods}, {m: dt for m in methods},
+                           "dense" if {"exact", "upper"} & set(methods) else None)
     spec = ConvSpec.of(mod, shape[-2:])
     rec = LayerRecord(name, "Conv2d", f"{mod.in_channels}->{mod.out_channels} {spec.describe(mod.kernel_size)}")
     # NB: "exact" and "upper" are the two ends of one certified bracket: computed once for both
@@ -125,6 +134,7 @@ def _analyze_layer(name: str, mod: nn.Module, shape: tuple[int, ...], methods: t
         t = time.perf_counter()
         br = exact.bracket(w, spec, tol=tol, max_memory=max_memory)
         dt = time.perf_counter() - t
+        rec.certified_by = br.how
         for m, v in (("exact", br.lower), ("upper", br.upper)):
             if m in methods:
                 rec.values[m], rec.seconds[m] = v, dt
