@@ -25,9 +25,12 @@ import collections
 import copy
 import json
 import math
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sepconv.decompose import convert
@@ -79,8 +82,31 @@ def _fn(runtime: str, net, x):
     return RUNTIMES[runtime].build(copy.deepcopy(net), x, torch.get_num_threads(), Path(tempfile.gettempdir()))
 
 
+_COPY_US: dict[int, float] = {}
+
+
+def _copy_us(k: int) -> float:
+    """Microseconds one thread takes to copy ``k`` float32 values (read ``4k`` bytes, write ``4k``) beyond a
+    call's fixed cost: the median of 7 timed loops of ``np.copyto`` on the same (cache-warm) buffers, less
+    the same for one value. A conv reading ``n`` values and writing ``m`` moves at least the bytes of a
+    copy of ``(n + m) / 2`` values; its input was just written by the node before it, as the copy's was."""
+    def per_call(n: int) -> float:
+        src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+        reps, times = max(10, min(1000, 10**7 // n)), []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(reps):
+                np.copyto(dst, src)
+            times.append((time.perf_counter() - t) / reps)
+        return 1e6 * statistics.median(times)
+    if k not in _COPY_US:
+        _COPY_US[k] = max(per_call(k) - per_call(1), 0.0)
+    return _COPY_US[k]
+
+
 def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float]]:
-    """ONNX Runtime's per-node profile on 1 thread: {"depthwise"|"other conv"|"rest": [us per run, FLOPs]}."""
+    """ONNX Runtime's per-node profile on 1 thread: {"depthwise"|"other conv"|"rest": [us per run, FLOPs,
+    bytes read and written at least, us a copy of those bytes takes (:func:`_copy_us`)]}."""
     ort = __import__("onnxruntime")
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.enable_profiling = 1, 1, True
@@ -90,7 +116,7 @@ def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float
     for _ in range(runs):
         s.run(None, feed)
     events = json.loads(Path(s.end_profiling()).read_text())
-    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
@@ -107,6 +133,10 @@ def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float
                 if len(o) == 5:
                     flops = 2 * w[0] * w[1] * w[2] * w[3] * o[0] * o[2] * o[3]
                 agg[kind][1] += flops / runs
+            if kind == "depthwise conv" and shapes and out:
+                values = math.prod(shapes[0]) + math.prod(out[0])
+                agg[kind][2] += 4 * values / runs
+                agg[kind][3] += _copy_us(values // 2) / runs
         agg[kind][0] += e["dur"] / runs
     return dict(agg)
 
@@ -173,16 +203,19 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
             total = sum(v[0] for v in agg.values())
             ftotal = sum(v[1] for v in agg.values()) or 1
             base_total.setdefault(batch, total)
-            (dw, dwf), (conv, convf) = agg.get("depthwise conv", [0.0, 0.0]), agg.get("other conv", [0.0, 0.0])
+            dw, dwf, dwb, dwc = agg.get("depthwise conv", [0.0] * 4)
+            conv, convf = agg.get("other conv", [0.0] * 4)[:2]
             fr = prof[k].flops / prof[base].flops
             free = (total - dw) / base_total[batch]  # the latency ratio if depthwise convs took no time
+            copy_speed = (total - dw + dwc) / base_total[batch]  # ... if they moved their bytes as fast as a copy
             where.append([name, k, batch, f"{total / 1e3:.3f}", f"{dw / 1e3:.3f}", f"{100 * dw / total:.0f} %",
                           f"{100 * dwf / ftotal:.0f} %", f"{dwf / dw / 1e3:.1f}" if dw else "",
                           f"{conv / 1e3:.3f}", f"{convf / conv / 1e3:.1f}" if conv else "",
                           f"{(total - dw - conv) / 1e3:.3f}",
+                          f"{dwb / dw / 1e3:.1f} ({dwb / dwc / 1e3:.1f})" if dw and dwc else "",
                           f"{total / base_total[batch]:.3f}" if k != base else "",
-                          f"{free:.3f} ({'within' if free <= 1.25 * fr else '**beyond**'} {1.25 * fr:.3f})"
-                          if k != base else ""])
+                          *(f"{r:.3f} ({'within' if r <= 1.25 * fr else '**beyond**'} {1.25 * fr:.3f})"
+                            if k != base else "" for r in (free, copy_speed))])
     return rows, where, results
 
 
@@ -307,7 +340,8 @@ def run(quick: bool) -> str:
         "",
         md_table(["model", "variant", "batch", "kernel ms", "depthwise ms", "depthwise time share",
                   "depthwise FLOP share", "depthwise GFLOP/s", "other conv ms", "other conv GFLOP/s", "rest ms",
-                  "kernel ratio", "kernel ratio without depthwise (goal)"], where),
+                  "depthwise GB/s (a copy's)", "kernel ratio", "kernel ratio without depthwise (goal)",
+                  "kernel ratio, depthwise at copy speed (goal)"], where),
         "",
         "### Where the time goes (PyTorch eager, batch 1, 1 thread, one conv per call)",
         "",

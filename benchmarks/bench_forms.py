@@ -21,6 +21,7 @@ import time
 import torch
 
 from sepconv.deploy import choose_forms, deployable, latency_ratio, measure, torch_threads
+from sepconv.deploy.choose import LEVEL, LOOKS
 from sepconv.models import profile
 
 from ._util import md_table
@@ -98,9 +99,10 @@ def run(quick: bool) -> str:
         "(`sepconv.deploy.choose_forms`: both forms of every distinct block timed on the block's input shape in "
         "that runtime and batch; the dense conv kept only where the paired 95 % interval of its latency ratio lies "
         "below 1; then the whole model is checked, all blocks separable, this per-block plan and all dense, and "
-        "a plan replaces the one kept so far only where it is faster by the same rule: the plan kept is named in "
-        "the table). The three are interleaved, the two eager layouts together and ONNX Runtime alone; ratios "
-        "are geometric means over the paired rounds with their 95 % t-intervals. "
+        "a plan replaces the one kept so far only where it is faster by the paired rule, each look at a "
+        f"{100 * LEVEL:.1f} % interval, a comparison left open timed again with twice the rounds, up to {LOOKS} "
+        "looks: the plan kept is named in the table). The three are interleaved, the two eager layouts together "
+        "and ONNX Runtime alone; ratios are geometric means over the paired rounds with their 95 % t-intervals. "
         f"Choosing took {choose_seconds:.0f} s in all (ONNX Runtime: one verified export per distinct form and "
         f"plan). Energy-chosen ranks keep {ENERGY} of each layer's spectral energy of the initial weights.",
         "",

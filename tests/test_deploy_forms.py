@@ -6,6 +6,7 @@ once; the chosen model computes what the model computes."""
 import itertools
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 import sepconv.deploy.latency as latency_mod
 from sepconv.decompose import convert
 from sepconv.deploy import RUNTIMES, Latency, Runtime, choose_forms, latency_ratio
+from sepconv.deploy.choose import LEVEL
 from sepconv.errors import ConfigError
 from sepconv.layers import BSConvS, BSConvU, DepthwiseSeparableConv2d
 from sepconv.models import create_model
@@ -89,10 +91,12 @@ class _Clock:
 def fake_runtime(monkeypatch):
     """A runtime 'fake' whose calls cost (on a fake clock) 1 unit per conv, except a dense 3x3 conv:
     ``dense_cost`` units (or ``dense_cost(conv)``) alone, ``dense_in_graph`` units inside a whole model (a
-    network with a Linear head); +-10 % noise, the same in every function of a round."""
+    network with a Linear head); +-10 % noise, the same in every function of a round, or with ``jitter``
+    set, independent uniform +-``jitter`` noise per call (seeded: deterministic). ``calls`` counts the
+    calls of whole models."""
     clock = _Clock()
     monkeypatch.setattr(latency_mod.time, "perf_counter", clock)
-    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[], batches=set())
+    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[], batches=set(), jitter=None, calls=0)
 
     def build(net, x, threads, tmp):
         whole = any(isinstance(m, nn.Linear) for m in net.modules())
@@ -103,9 +107,11 @@ def fake_runtime(monkeypatch):
                           if m.groups == 1 and m.kernel_size != (1, 1) else 1.0
                           for m in net.modules() if isinstance(m, nn.Conv2d))
         noise = itertools.cycle((0.9, 1.1, 1.0))
+        rng = random.Random(len(state["builds"]))
 
         def call():
-            clock.now += cost * next(noise)
+            state["calls"] += whole
+            clock.now += cost * (1 + rng.uniform(-state["jitter"], state["jitter"]) if state["jitter"] else next(noise))
         return call
 
     monkeypatch.setitem(RUNTIMES, "fake", Runtime("fake", "a fake clock", build))
@@ -149,6 +155,24 @@ def test_the_whole_model_overrules_blocks_timed_alone(fake_runtime):
     assert chosen.plan == "all dense" and len(chosen.dense) == 19 and _dense_3x3(chosen.model) == 19
     assert chosen.whole["all dense"].median < chosen.whole["all separable"].median
     assert "(all dense; whole model: all separable" in chosen.summary()
+
+
+def test_a_whole_model_comparison_left_open_is_timed_again_until_it_decides(fake_runtime):
+    net = _converted()
+    # alone every dense conv is slower (blocks stay separable); in the graph all dense is 3 % faster, under
+    # +-10 % independent noise per call: 20 rounds leave the interval open, the longer looks decide
+    fake_runtime.update(dense_cost=3.0, dense_in_graph=1.94, jitter=0.1)
+    chosen = choose_forms(net, (3, 32, 32), "fake")
+    first = chosen.whole["all separable"].n
+    assert first == 20 and latency_ratio(chosen.whole["all dense"], chosen.whole["all separable"],
+                                         level=LEVEL).held is None
+    assert chosen.plan == "all dense" and len(chosen.dense) == 19
+    assert fake_runtime["calls"] > 2 * first and fake_runtime["builds"].count("model") == 2  # timed again, not rebuilt
+    # a true tie stays open through all the looks (20 + 40 + 80 rounds of the two plans): the blocks stay separable
+    fake_runtime.update(dense_in_graph=2.0, calls=0)
+    chosen = choose_forms(net, (3, 32, 32), "fake")
+    assert chosen.plan == "all separable" and chosen.dense == []
+    assert fake_runtime["calls"] == 2 * (20 + 40 + 80) + 2 * (2 + 1 + 1)  # rounds and warm-ups of the three looks
 
 
 def test_chosen_forms_compute_what_the_model_computes():

@@ -14,6 +14,9 @@ where the paired 95 % interval of the latency ratio lies below 1
 forms and input shapes are timed once: latency depends on shapes, not on values. A block timed
 alone is not the block in its graph, so the per-block choice is then checked on the whole model
 against all blocks separable and all dense; the fastest of the three, by the same paired rule, is kept.
+Whole models differ by a few percent where blocks alone differ by tens, so a whole-model comparison the
+interval leaves open is timed again, longer (a sequential test: :data:`LOOKS` looks, each at level
+:data:`LEVEL`, so that by Bonferroni's inequality an equal pair is called different at most 5 % of the time).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import copy
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,10 @@ from .export import _check_shape
 from .fold import deployable
 from .latency import RUNTIMES, Latency, latency_ratio, measure, torch_threads
 
-__all__ = ["ChosenForms", "FormChoice", "choose_forms"]
+__all__ = ["LEVEL", "LOOKS", "ChosenForms", "FormChoice", "choose_forms"]
+
+LOOKS = 3  # looks at a whole-model comparison: the first rounds, then up to two more, each twice the one before
+LEVEL = 1 - 0.05 / LOOKS  # each look's interval level: an equal pair is called different at most 5 % of the time
 
 
 @dataclass(frozen=True)
@@ -80,17 +86,33 @@ class ChosenForms:
                 f"as their dense conv ({self.plan}" + (f"; whole model: {timed})" if timed else ")"))
 
 
-def _measured(nets: dict[str, nn.Module], shape, runtime: str, batch: int, threads: int, repeats: int,
-              max_seconds: float, tmp: Path) -> dict[str, Latency]:
-    """Each net of ``nets`` timed in ``runtime`` on one random batch, interleaved (:func:`measure`)."""
+def _runners(nets: dict[str, nn.Module], shape, runtime: str, batch: int, threads: int,
+             tmp: Path) -> dict[str, Callable[[], object]]:
+    """Each net of ``nets`` built in ``runtime`` (a deployable copy) as a call on one random batch."""
     dtype = next(next(iter(nets.values())).parameters()).dtype
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    fns = {}
     with torch_threads(threads):
-        fns = {}
         for i, (key, net) in enumerate(nets.items()):
             (tmp / str(i)).mkdir()
             fns[key] = RUNTIMES[runtime].build(copy.deepcopy(net), x, threads, tmp / str(i))
-        return measure(fns, repeats=repeats, warmup=2, max_seconds=max_seconds, min_repeats=5)
+    return fns
+
+
+def _faster(fns: dict[str, Callable[[], object]], plan: str, kept: str, first: dict[str, Latency], threads: int,
+            repeats: int, max_seconds: float) -> bool:
+    """Is ``plan`` faster than ``kept``? The paired interval at :data:`LEVEL` over the rounds of ``first``;
+    while it lies neither below nor above 1, the two are timed again, interleaved, with twice the rounds and
+    time of the look before, and the rounds pooled (:data:`LOOKS` looks in all; still open: not faster)."""
+    a, b = first[plan], first[kept]
+    for look in range(1, LOOKS):
+        if latency_ratio(a, b, level=LEVEL).held is not None:
+            break
+        with torch_threads(threads):
+            more = measure({plan: fns[plan], kept: fns[kept]}, repeats=repeats << look, warmup=1,
+                           max_seconds=max_seconds * (1 << look), min_repeats=5)
+        a, b = a + more[plan], b + more[kept]
+    return latency_ratio(a, b, level=LEVEL).held is True
 
 
 def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape) -> nn.Module:
@@ -116,8 +138,10 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
     is not a block in its graph (ONNX Runtime fuses a conv with the add and activation after it and keeps
     its blocked layout across layers), so then the whole model is checked: all blocks separable, the
     per-block choice and all blocks dense, timed interleaved (at most ``5 * max_seconds``); a plan
-    replaces the one kept so far (all separable first) only when the paired interval says it is faster.
-    Same outputs as ``model.eval()`` up to rounding."""
+    replaces the one kept so far (all separable first) only when the paired interval says it is faster,
+    at level :data:`LEVEL`; a comparison left open is timed again, twice as long each time, up to
+    :data:`LOOKS` looks (at most ``30 * max_seconds`` more per comparison). Same outputs as
+    ``model.eval()`` up to rounding."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     for what, v in (("batch", batch), ("threads", threads), ("repeats", repeats)):
@@ -139,8 +163,9 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             if key not in timed:
                 sub = tmp / f"block{len(timed)}"
                 sub.mkdir()
-                lat = _measured({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, repeats,
-                                max_seconds, sub)
+                fns = _runners({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, sub)
+                with torch_threads(threads):
+                    lat = measure(fns, repeats=repeats, warmup=2, max_seconds=max_seconds, min_repeats=5)
                 timed[key] = (lat["separable"], lat["dense"], latency_ratio(lat["dense"], lat["separable"]))
             dense[name] = conv.eval()
             alone[name] = timed[key]
@@ -152,9 +177,11 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
         plan, whole = "all separable", {}
         if len(distinct) > 1:
             nets = {label: _assembled(net, {n: dense[n] for n in names}, shape) for names, label in distinct.items()}
-            whole = _measured(nets, shape, runtime, batch, threads, repeats, 5 * max_seconds, tmp)
+            fns = _runners(nets, shape, runtime, batch, threads, tmp)
+            with torch_threads(threads):
+                whole = measure(fns, repeats=repeats, warmup=2, max_seconds=5 * max_seconds, min_repeats=5)
             for label in list(nets)[1:]:
-                if latency_ratio(whole[label], whole[plan]).held:
+                if _faster(fns, label, plan, whole, threads, repeats, 5 * max_seconds):
                     plan = label
         chosen = set(plans[plan])
     out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape), runtime, batch, threads, whole=whole,

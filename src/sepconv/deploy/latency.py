@@ -54,6 +54,10 @@ class Latency:
     def __str__(self) -> str:
         return f"{self.median:.3g} ms ({self.q1:.3g}-{self.q3:.3g})"
 
+    def __add__(self, more: Latency) -> Latency:
+        """The calls of both measurements pooled (``samples`` in call order: this one's, then ``more``'s)."""
+        return Latency.of([t / 1e3 for t in self.samples + more.samples])
+
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Latency:
         ms = [1e3 * s for s in seconds]
@@ -61,11 +65,12 @@ class Latency:
         return cls(q[1], q[0], q[2], len(ms), tuple(ms))
 
 
-def latency_ratio(a: Latency, b: Latency, claim: str = "less", delta: float = 0.0) -> Comparison:
+def latency_ratio(a: Latency, b: Latency, claim: str = "less", delta: float = 0.0,
+                  level: float = 0.95) -> Comparison:
     """``a`` against ``b`` timed in the same interleaved rounds (:func:`measure`): the paired comparison of
     their log times (:func:`sepconv.evidence.compare`; ``exp`` of its mean, ``lo`` and ``hi`` is the
-    geometric-mean latency ratio ``a / b`` and its 95 % interval). The default claim: ``a`` is faster."""
-    return compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], claim, delta)
+    geometric-mean latency ratio ``a / b`` and its interval at ``level``). The default claim: ``a`` is faster."""
+    return compare([math.log(t) for t in a.samples], [math.log(t) for t in b.samples], claim, delta, level)
 
 
 @contextlib.contextmanager
