@@ -349,7 +349,7 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
         but a stateless activation between the convs) the depthwise conv reads ``m`` copies of its
         input as one multiplier-1 depthwise conv on ``m C`` channels, its filters and the pointwise
         conv's columns permuted to match: the same map, in the form PyTorch eager has fast kernels for
-        (a multiplier-m depthwise conv runs its generic grouped-conv path; ONNX Runtime runs both alike:
+        (a multiplier-m depthwise conv runs its generic grouped-conv path; ONNX Runtime runs both within 5 %:
         BENCHMARKS.md, "Deploy forms against the modules as built")."""
         m, dw = self.depth_multiplier, self.dw
         if m == 1 or not isinstance(self.mid_norm, nn.Identity) or not isinstance(self.mid_act, _STATELESS_ACTS):
@@ -410,7 +410,7 @@ class BSConvU(_SeparableBlock):
         folded away) the grouped ``dw`` (``b`` inputs per output) becomes a multiplier-1 depthwise
         conv on the ``b C`` channels followed by the sum of its ``b`` channel slices
         (:class:`GroupSum`), ``pw``'s rows permuted to match: the same map, with the depthwise kernel
-        PyTorch eager optimizes instead of its generic grouped-conv path (ONNX Runtime runs both alike:
+        PyTorch eager optimizes instead of its generic grouped-conv path (ONNX Runtime runs both within 5 %:
         BENCHMARKS.md, "Deploy forms against the modules as built")."""
         b, dw = self.blueprints, self.dw
         if b == 1 or not isinstance(getattr(self, "bn", nn.Identity()), nn.Identity):

@@ -12,7 +12,7 @@
   children, a multiplier-m or b-blueprint block's grouped conv as a multiplier-1 depthwise conv),
   on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
   :func:`~sepconv.deploy.measure_latency` times. The forms help PyTorch eager, NCHW most (its
-  grouped-conv path is slow); ONNX Runtime runs both alike (BENCHMARKS.md, "Deploy forms against
+  grouped-conv path is slow); ONNX Runtime runs both within 5 % (BENCHMARKS.md, "Deploy forms against
   the modules as built").
 """
 
