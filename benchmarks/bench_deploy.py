@@ -370,7 +370,6 @@ def run(quick: bool) -> str:
         "depthwise kernel that moves its bytes can; **within** at copy speed means ONNX Runtime's depthwise "
         "kernel, slower than a copy of its bytes, is what misses the goal.",
         "",
-        "",
         _limits(sep),
         "",
         md_table(["model", "variant", "batch", "kernel ms", "depthwise ms", "depthwise time share",

@@ -140,7 +140,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
     per-block choice and all blocks dense, timed interleaved (at most ``5 * max_seconds``); a plan
     replaces the one kept so far (all separable first) only when the paired interval says it is faster,
     at level :data:`LEVEL`; a comparison left open is timed again, twice as long each time, up to
-    :data:`LOOKS` looks (at most ``30 * max_seconds`` more per comparison). Same outputs as
+    :data:`LOOKS` looks (up to ``30 * max_seconds`` more per comparison, at least 5 rounds a look). Same outputs as
     ``model.eval()`` up to rounding."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
