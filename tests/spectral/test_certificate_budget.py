@@ -3,6 +3,7 @@ progress bars inside a layer's search (``sepconv.spectral.progress``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -52,6 +53,43 @@ def test_the_budget_decides_the_certificate_inside_the_block_only(layer):
     assert below.how in ("majorant", "fantastic4") and below.upper > below.lower * (1 + 1e-6)
     assert default.upper <= default.lower * (1 + 1e-6) * (1 + 1e-12)
     assert below.lower <= default.upper and default.lower <= below.upper  # both brackets of one norm
+
+
+def _spy_iterate(monkeypatch, scale_first=None):
+    """Record the rtol of every LOBPCG run of the bracket search; ``scale_first``: scale the first run's
+    Ritz values by it (a lower end left short, as a loose run may leave it)."""
+    calls, real = [], bracketing.iterative.iterate
+
+    def spy(op, X0, rtol, **kw):
+        ritz = real(op, X0, rtol=rtol, **kw)
+        calls.append(rtol)
+        if scale_first is not None and len(calls) == 1:
+            ritz = dataclasses.replace(ritz, theta=ritz.theta * scale_first)
+        return ritz
+    monkeypatch.setattr(bracketing.iterative, "iterate", spy)
+    return calls
+
+
+def test_with_no_certificate_the_lower_end_is_tightened_only_where_that_could_bring_the_bracket_within_tol(
+        layer, monkeypatch):
+    w, spec, _ = layer
+    truth = float(torch.linalg.svdvals(spec.dense_operator(w))[0])
+    calls = _spy_iterate(monkeypatch)
+    with certificate_budget(0):  # no certificate: the upper end is the majorant or Fantastic Four
+        wide = bracket(w, spec, tol=1e-6)
+    # the upper end is far above tol: one loose run, whose lower end is still within 1e-5 of the truth
+    assert wide.how in ("majorant", "fantastic4") and wide.upper > wide.lower * (1 + 1e-4)
+    assert calls == [min(1e-2, 0.1 * math.sqrt(1e-6))]
+    assert truth * (1 - 1e-5) <= wide.lower <= truth * (1 + 1e-12) and wide.upper >= truth
+    # at a tol twice the upper end's distance from the truth, a loose lower end 1 tol short leaves the
+    # bracket within 2 tol: the lower end is tightened to tol/10, and the bracket is then within tol
+    bracketing.RECENT.clear()
+    tol = 2 * (wide.upper / truth - 1)
+    calls = _spy_iterate(monkeypatch, scale_first=(1 - tol) ** 2)
+    with certificate_budget(0):
+        close = bracket(w, spec, tol=tol)
+    assert calls == [min(1e-2, 0.1 * math.sqrt(tol)), tol / 10]
+    assert close.upper <= close.lower * (1 + tol) and close.lower <= truth * (1 + 1e-12) <= close.upper
 
 
 def test_a_bracket_found_under_a_smaller_budget_is_not_served_under_a_larger_one(layer):

@@ -268,14 +268,22 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
             return Bracket(0.0, upper, how)
         validate.check_memory(need, f"bracket: the LOBPCG vectors of the conv {tuple(weight.shape)} "
                               f"{spec.describe(ks)} (a {op.g}x{op.dim} block per vector)", limit)
-    # Ritz values converge like residual^2 / gap: start loose, tighten only if the certificate fails;
+    # Ritz values converge like residual^2 / gap: start loose, tighten only if the certificate fails --
+    # or, with no certificate affordable, only if the loose lower end leaves the upper end (the majorant,
+    # Fantastic Four) within 2 tol, where a tighter one may bring the bracket within tol (a wider bracket's
+    # width is the upper end's: a tighter lower end would cost many more iterations and change little);
     # stop as soon as the lower end is within tol of the certified upper end
-    rtol = min(1e-2, 0.1 * math.sqrt(tol)) if affordable else tol / 10
+    rtol = min(1e-2, 0.1 * math.sqrt(tol))
     target = (upper / (1 + tol)) ** 2
     X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
     with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
         ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
     lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
+    if not affordable and lo * (1 + tol) < upper <= lo * (1 + 2 * tol):
+        rtol = tol / 10
+        with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
+            ritz = iterative.iterate(op, ritz.X, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
+        lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
     if upper > lo * (1 + tol) and affordable:
         bg = certify.BandedGram(w64, spec)
         for attempt in range(4):

@@ -207,13 +207,14 @@ def bracket(weight: Tensor, spec: ConvSpec, tol: float = 1e-6, max_iter: int = 5
     maximum (the maximising group is recorded in ``group``), or, where that would cost more than
     the whole operator's certified search (matrix blocks, by a flop estimate:
     :func:`~.bracketing._whole_is_cheaper`), by that search. Small operators: a dense SVD.
-    Otherwise block LOBPCG until the top residual is ``<= tol/10`` relative (the *residual
-    rule*: an eigenvalue of ``T^T T`` lies that close to the top Ritz value; float32 iterations
-    first, the rule checked in float64: :func:`~.iterative.iterate`), then the upper end
+    Otherwise block LOBPCG until the top residual is ``<= min(1e-2, 0.1 sqrt(tol))`` relative (the
+    *residual rule*: an eigenvalue of ``T^T T`` lies that close to the top Ritz value; float32
+    iterations first, the rule checked in float64: :func:`~.iterative.iterate`), then the upper end
     is the smallest of the circulant majorant, Fantastic Four, and -- if affordable -- the banded
-    Cholesky certificate at ``lower (1 + tol)``. If nothing certifies ``tol`` the bracket is
-    still valid, only wider. ``lower=False`` skips the iteration when no certificate can use it
-    (the lower end is then 0).
+    Cholesky certificate at ``lower (1 + tol)``; the iteration goes on, to ``tol/10`` and below,
+    where the certificate fails or, with none affordable, where the upper end lies within ``2 tol``
+    of the lower one. If nothing certifies ``tol`` the bracket is still valid, only wider.
+    ``lower=False`` skips the iteration when no certificate can use it (the lower end is then 0).
 
     Memory: every route estimates its bytes first (dense operators and their SVD workspace, the
     frequency grid, the LOBPCG vectors, the certificate) and stays within ``max_memory`` bytes
