@@ -99,6 +99,13 @@ def _runners(nets: dict[str, nn.Module], shape, runtime: str, batch: int, thread
     return fns
 
 
+def _timed(fns: dict[str, Callable[[], object]], threads: int, repeats: int, max_seconds: float,
+           warmup: int = 2) -> dict[str, Latency]:
+    """:func:`measure` of ``fns`` with ``threads`` torch threads, at least 5 rounds."""
+    with torch_threads(threads):
+        return measure(fns, repeats=repeats, warmup=warmup, max_seconds=max_seconds, min_repeats=5)
+
+
 def _faster(fns: dict[str, Callable[[], object]], plan: str, kept: str, first: dict[str, Latency], threads: int,
             repeats: int, max_seconds: float) -> bool:
     """Is ``plan`` faster than ``kept``? The paired interval at :data:`LEVEL` over the rounds of ``first``;
@@ -108,9 +115,7 @@ def _faster(fns: dict[str, Callable[[], object]], plan: str, kept: str, first: d
     for look in range(1, LOOKS):
         if latency_ratio(a, b, level=LEVEL).held is not None:
             break
-        with torch_threads(threads):
-            more = measure({plan: fns[plan], kept: fns[kept]}, repeats=repeats << look, warmup=1,
-                           max_seconds=max_seconds * (1 << look), min_repeats=5)
+        more = _timed({plan: fns[plan], kept: fns[kept]}, threads, repeats << look, max_seconds * (1 << look), 1)
         a, b = a + more[plan], b + more[kept]
     return latency_ratio(a, b, level=LEVEL).held is True
 
@@ -163,9 +168,8 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             if key not in timed:
                 sub = tmp / f"block{len(timed)}"
                 sub.mkdir()
-                fns = _runners({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, sub)
-                with torch_threads(threads):
-                    lat = measure(fns, repeats=repeats, warmup=2, max_seconds=max_seconds, min_repeats=5)
+                lat = _timed(_runners({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, sub),
+                             threads, repeats, max_seconds)
                 timed[key] = (lat["separable"], lat["dense"], latency_ratio(lat["dense"], lat["separable"]))
             dense[name] = conv.eval()
             alone[name] = timed[key]
@@ -178,8 +182,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
         if len(distinct) > 1:
             nets = {label: _assembled(net, {n: dense[n] for n in names}, shape) for names, label in distinct.items()}
             fns = _runners(nets, shape, runtime, batch, threads, tmp)
-            with torch_threads(threads):
-                whole = measure(fns, repeats=repeats, warmup=2, max_seconds=5 * max_seconds, min_repeats=5)
+            whole = _timed(fns, threads, repeats, 5 * max_seconds)
             for label in list(nets)[1:]:
                 if _faster(fns, label, plan, whole, threads, repeats, 5 * max_seconds):
                     plan = label

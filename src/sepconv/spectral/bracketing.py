@@ -273,17 +273,20 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
     # Fantastic Four) within 2 tol, where a tighter one may bring the bracket within tol (a wider bracket's
     # width is the upper end's: a tighter lower end would cost many more iterations and change little);
     # stop as soon as the lower end is within tol of the certified upper end
-    rtol = min(1e-2, 0.1 * math.sqrt(tol))
     target = (upper / (1 + tol)) ** 2
+
+    def search(X0: Tensor, rtol: float) -> tuple[iterative.Ritz, float]:  # LOBPCG from X0: Ritz pairs, lower end
+        with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
+            ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
+        return ritz, math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
+
+    rtol = min(1e-2, 0.1 * math.sqrt(tol))
     X0 = _warm_start(op, kernel, maj, top, b, seed) if top is not None else iterative.random_block(op, b, seed)
-    with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
-        ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
-    lo = math.sqrt(max(0.0, float(ritz.theta[:, 0].max())))
+    ritz, lo = search(X0, rtol)
     if not affordable and lo * (1 + tol) < upper <= lo * (1 + 2 * tol):
         rtol = tol / 10
-        with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
-            ritz = iterative.iterate(op, ritz.X, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
-        lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
+        ritz, tighter = search(ritz.X, rtol)
+        lo = max(lo, tighter)
     if upper > lo * (1 + tol) and affordable:
         bg = certify.BandedGram(w64, spec)
         for attempt in range(4):
@@ -296,9 +299,8 @@ def _solve(weight: Tensor, spec: ConvSpec, ks: tuple[int, int], tol: float, max_
             # some group has an eigenvalue above mu: iterate further (the last attempt from a fresh block)
             rtol /= 10
             X0 = ritz.X if attempt < 2 else iterative.random_block(op, min(op.dim, b + 2), seed + attempt + 1)
-            with progress.bar("lower end (LOBPCG)", unit="iteration") as bar:
-                ritz = iterative.iterate(op, X0, rtol=rtol, max_iter=max_iter, target=target, bar=bar)
-            lo = max(lo, math.sqrt(max(0.0, float(ritz.theta[:, 0].max()))))
+            ritz, tighter = search(X0, rtol)
+            lo = max(lo, tighter)
     return Bracket(lo, max(upper, lo), how, iterative.top_vector(op, ritz))
 
 
