@@ -144,15 +144,16 @@ def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float
 
 
 def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], list[list[str]], list[dict]]:
-    nets = {k: deployable(m, shape) for k, m in _variants(name, shape, variants, quick).items()}
+    models = _variants(name, shape, variants, quick)
+    nets = {k: deployable(m, shape) for k, m in models.items()}  # the PyTorch forms; ONNX's are exported
     prof = {k: profile(m, shape) for k, m in nets.items()}
     base = next(iter(nets))
     rows, where, results = [], [], []
     tmp = Path(tempfile.mkdtemp(prefix="bench_deploy."))
     paths = {}
-    for i, (k, net) in enumerate(nets.items()):
+    for i, k in enumerate(models):
         paths[k] = tmp / f"{i}.onnx"
-        export_onnx(net, paths[k], shape)
+        export_onnx(models[k], paths[k], shape)
     batches = (1, 2) if quick else (1, big)
     repeats = 3 if quick else (30 if shape[1] < 100 else 10)
     for threads in (1,) if quick else THREADS:
@@ -265,12 +266,13 @@ def _forms(quick: bool) -> list[list[str]]:
     shape = (3, 16, 16) if quick else (3, 32, 32)
     rows = []
     for label, net in _variants("resnet20", shape, FORMS, quick).items():
-        built, forms = deployable(net), deployable(net, shape)
+        built, forms = deployable(net), {False: deployable(net, shape), True: deployable(net, shape, for_onnx=True)}
         for batch in (1, 2) if quick else (1, 64):
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             with torch_threads(1):
                 for runtime in ("torch", "torch-cl", "onnxruntime"):
-                    lat = measure({"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)},
+                    form = forms[runtime == "onnxruntime"]
+                    lat = measure({"built": _fn(runtime, built, x), "forms": _fn(runtime, form, x)},
                                   repeats=3 if quick else 30, warmup=2, max_seconds=5 if quick else 60)
                     c = latency_ratio(lat["forms"], lat["built"])
                     rows.append([label, str(batch), runtime, str(lat["built"]), str(lat["forms"]),
@@ -350,11 +352,13 @@ def run(quick: bool) -> str:
         "### Deploy forms against the modules as built (ResNet-20, 1 thread)",
         "",
         "The same network, BatchNorm folded, once as built and once with every module that has an exact deploy "
-        "form replaced by it (`sepconv.deploy.deployable` with the input shape): a multiplier-m DSC's depthwise "
-        "as m input copies into a multiplier-1 depthwise, a b-blueprint BSConv-U's grouped conv as a "
-        "multiplier-1 depthwise on bC channels and a slice sum, the option-A shortcut as a fixed strided 1x1 "
-        "conv. Median (quartiles) ms; ratio = forms / as built with its paired 95 % interval over the "
-        "interleaved rounds. The rows above all use the deploy forms.",
+        "form replaced by it (`sepconv.deploy.deployable` with the input shape). For PyTorch: a multiplier-m "
+        "DSC's depthwise as m input copies into a multiplier-1 depthwise, a b-blueprint BSConv-U's grouped conv "
+        "as a multiplier-1 depthwise on bC channels and a slice sum; for ONNX (`for_onnx=True`, what "
+        "`export_onnx` exports): either block as m or b branches, each a multiplier-1 depthwise and a pointwise "
+        "conv, summed; for both, the option-A shortcut as a fixed strided 1x1 conv. Median (quartiles) ms; "
+        "ratio = forms / as built with its paired 95 % interval over the interleaved rounds. The rows above all "
+        "use the deploy forms.",
         "",
         md_table(["variant", "batch", "runtime", "as built ms", "deploy forms ms", "ratio (95 % interval)"],
                  _forms(quick)),

@@ -61,8 +61,8 @@ def run(quick: bool) -> str:
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             repeats = 3 if quick else (30 if shape[1] < 100 else 10)
             for label, net in list(nets.items())[1:]:
-                sep = deployable(net, shape)
-                sep_ratio = profile(sep, shape).flops / flops0
+                sep = {rt: deployable(net, shape, for_onnx=rt == "onnxruntime") for rt in RUNTIMES}
+                sep_ratio = profile(sep["torch"], shape).flops / flops0
                 chosen, lat = {}, {}
                 for rt in RUNTIMES:
                     t = time.perf_counter()
@@ -72,7 +72,7 @@ def run(quick: bool) -> str:
                 for group in (("torch", "torch-cl"), ("onnxruntime",)):
                     with torch_threads(1):
                         fns = {(rt, k): _fn(rt, m, x) for rt in group
-                               for k, m in (("regular", regular), ("separable", sep), ("chosen", chosen[rt].model))}
+                               for k, m in (("regular", regular), ("separable", sep[rt]), ("chosen", chosen[rt].model))}
                         lat.update(measure(fns, repeats=repeats, warmup=2, max_seconds=5 if quick else 60))
                 for rt in RUNTIMES:
                     r_sep, r_ch = (_ratio(lat[(rt, k)], lat[(rt, "regular")]) for k in ("separable", "chosen"))

@@ -19,7 +19,7 @@ from sepconv.deploy import (
 )
 from sepconv.deploy.export import onnx_session
 from sepconv.errors import ConfigError, ExportError, MissingDependencyError, OutputError, UnsupportedLayerError
-from sepconv.layers import BSConvS, BSConvU, DepthwiseSeparableConv2d
+from sepconv.layers import Branches, BSConvS, BSConvU, DepthwiseSeparableConv2d
 from sepconv.models import create_model
 from sepconv.models.resnet import ZeroPadShortcut
 from sepconv.normalize import spectral_normalize
@@ -173,6 +173,15 @@ def test_deploy_forms_are_the_same_maps():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules())
     with torch.no_grad():
         assert _rel(dep(x), bsu(x)) <= 1e-6
+    # for ONNX: m (b) branches, each a multiplier-1 depthwise and a pointwise conv, summed
+    for mod, parts in ((block, 3), (bsu, 3)):
+        dep = deployable(mod, (5, 11, 11), for_onnx=True)
+        branches = next(m for m in dep.modules() if isinstance(m, Branches))
+        assert len(branches.branches) == parts
+        convs = [m for m in dep.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 2 * parts and all(c.groups in (1, c.in_channels) for c in convs)
+        with torch.no_grad():
+            assert _rel(dep(x), mod(x)) <= 1e-6
 
 
 def _depthwise(model: nn.Module) -> int:
@@ -201,7 +210,7 @@ def test_onnx_export_round_trips_every_zoo_family(name, conv, shape, tmp_path):
     model = _zoo(name, conv, shape)
     res = _roundtrip(model, shape, tmp_path)
     assert [c.batch for c in res.checks] == [2, 1]  # dynamic batch: checked at 2 and at 1
-    assert res.depthwise == _depthwise(deployable(model, shape))  # depthwise convs stay grouped Conv nodes
+    assert res.depthwise == _depthwise(deployable(model, shape, for_onnx=True))  # depthwise convs stay Conv nodes
 
 
 @pytest.mark.slow
@@ -211,8 +220,9 @@ def test_onnx_export_round_trips_converted_models(how, tmp_path):
     model = _zoo("resnet20", "regular", (3, 32, 32))
     new, _ = convert(model, input_size=(3, 32, 32), progress=False, **how)
     res = _roundtrip(new, (3, 32, 32), tmp_path, batch=1)
-    dep = deployable(new, (3, 32, 32))
+    dep = deployable(new, (3, 32, 32), for_onnx=True)
     assert res.depthwise == _depthwise(dep) and [c.batch for c in res.checks] == [1]
+    assert not {"Concat", "ReduceSum"} & set(res.nodes)  # ONNX forms: summed branches, no copies, no slice sums
     assert res.nodes["Conv"] == sum(isinstance(m, nn.Conv2d) for m in dep.modules()) >= 40  # 19 converted, 2+ parts
 
 

@@ -193,6 +193,20 @@ class GroupSum(nn.Module):
         return f"parts={self.parts}"
 
 
+class Branches(nn.Module):
+    """The sum of its branches' outputs on one input: ``y = sum_i f_i(x)``."""
+
+    def __init__(self, *branches: nn.Module) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.branches[0](x)
+        for f in self.branches[1:]:
+            y = y + f(x)
+        return y
+
+
 def _interleave(outer: int, inner: int, device=None) -> Tensor:
     """The channel permutation ``new j * outer + o <- old o * inner + j`` (an index, new -> old)."""
     return torch.arange(outer * inner, device=device).view(outer, inner).t().reshape(-1)
@@ -227,10 +241,11 @@ class _SeparableBlock(nn.Module):
             x = m(x)
         return x
 
-    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None, for_onnx: bool = False) -> nn.Module:
         """The block's children without the ``nn.Identity`` ones (an absent or folded norm, no
         activation), as an ``nn.Sequential``: the same map with fewer Python calls, which at batch 1
-        cost as much as a small conv (:func:`sepconv.deploy.deployable` uses it)."""
+        cost as much as a small conv (:func:`sepconv.deploy.deployable` uses it; ``for_onnx``: the
+        form for an ONNX graph, where it differs)."""
         return nn.Sequential(*(m for m in self.children() if not isinstance(m, nn.Identity)))
 
     def dense_form(self, in_shape: tuple[int, ...]) -> nn.Conv2d | None:
@@ -344,16 +359,20 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
     def depth_multiplier(self) -> int:
         return self.dw.out_channels // self.dw.in_channels
 
-    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None, for_onnx: bool = False) -> nn.Module:
         """The block without its identity children; with a depth multiplier ``m > 1`` (and nothing
-        but a stateless activation between the convs) the depthwise conv reads ``m`` copies of its
-        input as one multiplier-1 depthwise conv on ``m C`` channels, its filters and the pointwise
-        conv's columns permuted to match: the same map, in the form PyTorch eager has fast kernels for
-        (a multiplier-m depthwise conv runs its generic grouped-conv path; ONNX Runtime runs both within 5 %:
-        BENCHMARKS.md, "Deploy forms against the modules as built")."""
+        but a stateless activation between the convs) the same map in the form a runtime has fast kernels
+        for. For PyTorch eager the depthwise conv reads ``m`` copies of its input as one multiplier-1
+        depthwise conv on ``m C`` channels, its filters and the pointwise conv's columns permuted to match
+        (a multiplier-m depthwise conv runs eager's generic grouped-conv path). ``for_onnx``: ``m``
+        branches, each a multiplier-1 depthwise conv (filters ``j, j + m, ...``) and a pointwise conv (the
+        matching columns), summed (:class:`Branches`): no input copies, and ONNX Runtime fuses each
+        pointwise conv with the add after it (BENCHMARKS.md, "Deploy forms against the modules as built")."""
         m, dw = self.depth_multiplier, self.dw
         if m == 1 or not isinstance(self.mid_norm, nn.Identity) or not isinstance(self.mid_act, _STATELESS_ACTS):
             return super().deploy_form(in_shape)
+        if for_onnx:
+            return Branches(*(self._branch(j) for j in range(m)))
         perm = _interleave(dw.in_channels, m, dw.weight.device)
         new = _flat_depthwise(dw, dw.weight[perm], None if dw.bias is None else dw.bias[perm])
         pw = copy.deepcopy(self.pw)
@@ -361,6 +380,20 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
             pw.weight.copy_(self.pw.weight[:, perm])
         parts = [ChannelRepeat(m), new, self.mid_act, pw]
         return nn.Sequential(*(p for p in parts if not isinstance(p, nn.Identity)))
+
+    def _branch(self, j: int) -> nn.Sequential:
+        """Branch ``j`` of the ``for_onnx`` deploy form: the ``j``-th filter of each input's ``m``, the
+        activation, and the pointwise conv's columns they feed (the bias once, in branch 0)."""
+        m, dw, pw = self.depth_multiplier, self.dw, self.pw
+        depthwise = _flat_depthwise(dw, dw.weight[j::m], None if dw.bias is None else dw.bias[j::m])
+        bias = pw.bias if j == 0 else None
+        point = nn.Conv2d(dw.in_channels, pw.out_channels, 1, bias=bias is not None, device=pw.weight.device,
+                          dtype=pw.weight.dtype)
+        with torch.no_grad():
+            point.weight.copy_(pw.weight[:, j::m])
+            if bias is not None:
+                point.bias.copy_(bias)
+        return nn.Sequential(*(p for p in (depthwise, self.mid_act, point) if not isinstance(p, nn.Identity)))
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, k, k)`` kernel of the regular conv computing the same map (exact;
@@ -405,16 +438,20 @@ class BSConvU(_SeparableBlock):
     def blueprints(self) -> int:
         return self.dw.in_channels // self.dw.out_channels
 
-    def deploy_form(self, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+    def deploy_form(self, in_shape: tuple[int, ...] | None = None, for_onnx: bool = False) -> nn.Module:
         """The block without its identity children; with ``b > 1`` blueprints (and no ``bn``, or one
-        folded away) the grouped ``dw`` (``b`` inputs per output) becomes a multiplier-1 depthwise
-        conv on the ``b C`` channels followed by the sum of its ``b`` channel slices
-        (:class:`GroupSum`), ``pw``'s rows permuted to match: the same map, with the depthwise kernel
-        PyTorch eager optimizes instead of its generic grouped-conv path (ONNX Runtime runs both within 5 %:
-        BENCHMARKS.md, "Deploy forms against the modules as built")."""
+        folded away) the same map in the form a runtime has fast kernels for. For PyTorch eager the
+        grouped ``dw`` (``b`` inputs per output) becomes a multiplier-1 depthwise conv on the ``b C``
+        channels followed by the sum of its ``b`` channel slices (:class:`GroupSum`), ``pw``'s rows
+        permuted to match (eager's generic grouped-conv path is slow). ``for_onnx``: ``b`` branches, each
+        a pointwise conv (``pw``'s rows ``j, j + b, ...``) and a multiplier-1 depthwise conv (each output's
+        ``j``-th blueprint), summed (:class:`Branches`): ONNX Runtime has no fast slice sum and fuses the
+        add instead (BENCHMARKS.md, "Deploy forms against the modules as built")."""
         b, dw = self.blueprints, self.dw
         if b == 1 or not isinstance(getattr(self, "bn", nn.Identity()), nn.Identity):
             return super().deploy_form(in_shape)
+        if for_onnx:
+            return Branches(*(self._branch(j) for j in range(b)))
         o = dw.out_channels
         perm = _interleave(o, b, dw.weight.device)
         bias = None if dw.bias is None else torch.cat([dw.bias, dw.bias.new_zeros((b - 1) * o)])  # once, 1st slice
@@ -425,6 +462,18 @@ class BSConvU(_SeparableBlock):
             if pw.bias is not None:
                 pw.bias.copy_(self.pw.bias[perm])
         return nn.Sequential(pw, new, GroupSum(b))
+
+    def _branch(self, j: int) -> nn.Sequential:
+        """Branch ``j`` of the ``for_onnx`` deploy form: the pointwise rows feeding each output's ``j``-th
+        blueprint, then those blueprints as a multiplier-1 depthwise conv (the bias once, in branch 0)."""
+        b, dw, pw = self.blueprints, self.dw, self.pw
+        point = nn.Conv2d(pw.in_channels, dw.out_channels, 1, bias=pw.bias is not None, device=pw.weight.device,
+                          dtype=pw.weight.dtype)
+        with torch.no_grad():
+            point.weight.copy_(pw.weight[j::b])
+            if pw.bias is not None:
+                point.bias.copy_(pw.bias[j::b])
+        return nn.Sequential(point, _flat_depthwise(dw, dw.weight[:, j:j + 1], dw.bias if j == 0 else None))
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, k, k)`` kernel ``F[n, m] = w[n, m] B[n]`` of the regular conv

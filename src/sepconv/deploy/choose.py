@@ -120,7 +120,7 @@ def _faster(fns: dict[str, Callable[[], object]], plan: str, kept: str, first: d
     return latency_ratio(a, b, level=LEVEL).held is True
 
 
-def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape) -> nn.Module:
+def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape, for_onnx: bool) -> nn.Module:
     """A deployable copy of ``net`` with the blocks named in ``dense`` replaced by their dense convs."""
     net = copy.deepcopy(net)
     for name, conv in dense.items():
@@ -128,7 +128,7 @@ def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape) -> nn.Module:
             net = conv
         else:
             net.set_submodule(name, copy.deepcopy(conv))
-    return deployable(net, shape)
+    return deployable(net, shape, for_onnx)
 
 
 def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "onnxruntime", batch: int = 1,
@@ -154,6 +154,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             raise ConfigError(f"choose_forms: {what} must be a positive integer, got {v!r}")
     shape = _check_shape(input_shape)
     net = deployable(model)  # a copy: eval, baked, BatchNorm folded (no deploy forms yet)
+    for_onnx = runtime == "onnxruntime"  # the deploy forms of that runtime
     blocks = dry_forward(net, shape, record=(_SeparableBlock,), where="choose_forms").inputs
     timed: dict[tuple, tuple] = {}
     dense, alone = {}, {}
@@ -163,7 +164,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             conv = block.dense_form(in_shape)
             if conv is None:
                 continue
-            sep = block.deploy_form(in_shape)
+            sep = block.deploy_form(in_shape, for_onnx)
             key = (repr(sep), repr(conv), tuple(in_shape))
             if key not in timed:
                 sub = tmp / f"block{len(timed)}"
@@ -180,15 +181,16 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             distinct.setdefault(names, label)
         plan, whole = "all separable", {}
         if len(distinct) > 1:
-            nets = {label: _assembled(net, {n: dense[n] for n in names}, shape) for names, label in distinct.items()}
+            nets = {label: _assembled(net, {n: dense[n] for n in names}, shape, for_onnx)
+                    for names, label in distinct.items()}
             fns = _runners(nets, shape, runtime, batch, threads, tmp)
             whole = _timed(fns, threads, repeats, 5 * max_seconds)
             for label in list(nets)[1:]:
                 if _faster(fns, label, plan, whole, threads, repeats, 5 * max_seconds):
                     plan = label
         chosen = set(plans[plan])
-    out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape), runtime, batch, threads, whole=whole,
-                      plan=plan)
+    out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape, for_onnx), runtime, batch, threads,
+                      whole=whole, plan=plan)
     for name, (s, d, c) in alone.items():
         out.choices.append(FormChoice(name, s, d, math.exp(c.mean), math.exp(c.lo), math.exp(c.hi),
                                       "dense" if name in chosen else "separable"))

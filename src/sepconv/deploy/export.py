@@ -186,7 +186,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     """Export ``model`` to an ONNX file at ``path`` for inputs of ``input_shape`` = ``(C, H, W)``.
 
     What is exported is :func:`~sepconv.deploy.fold.deployable` of the model (eval mode,
-    parametrizations baked, BatchNorm folded). Before the file is written the exported graph
+    parametrizations baked, BatchNorm folded, the deploy forms for ONNX). Before the file is written the exported graph
     runs in ONNX Runtime on random inputs and on ``inputs`` (real images, ``(N, C, H, W)``) when
     given; ``batch=None`` exports a dynamic batch dimension (checked at batch 2 and 1, and all of
     ``inputs``), an int a fixed one (``inputs`` checked in chunks of it). The file is written only if every
@@ -208,7 +208,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     for dep in ("onnx", "onnxscript", "onnxruntime"):
         require(dep)
     path = Path(path)
-    net = deployable(model, shape)
+    net = deployable(model, shape, for_onnx=True)
     p = next(iter(net.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(seed)

@@ -9,11 +9,12 @@
   2015; Jacob et al. 2018, Sect. 3.2).
 * :func:`deployable` -- both, plus each module's own ``deploy_form`` (an equivalent module:
   ResNet's option-A shortcut as a fixed strided 1x1 conv, a separable block without its identity
-  children, a multiplier-m or b-blueprint block's grouped conv as a multiplier-1 depthwise conv),
-  on a copy in eval mode: what :func:`~sepconv.deploy.export_onnx` exports and
-  :func:`~sepconv.deploy.measure_latency` times. The forms help PyTorch eager, NCHW most (its
-  grouped-conv path is slow); ONNX Runtime runs both within 5 % (BENCHMARKS.md, "Deploy forms against
-  the modules as built").
+  children, a multiplier-m or b-blueprint block's grouped conv as a multiplier-1 depthwise conv
+  on copies or slices for PyTorch, as ``m`` or ``b`` summed branches for ONNX), on a copy in eval
+  mode: what :func:`~sepconv.deploy.export_onnx` exports and :func:`~sepconv.deploy.measure_latency`
+  times. The PyTorch forms help eager, NCHW most (its grouped-conv path is slow); the branches help
+  ONNX Runtime, which fuses a conv with the add after it (BENCHMARKS.md, "Deploy forms against the
+  modules as built").
 """
 
 from __future__ import annotations
@@ -166,12 +167,13 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
-def deployable(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+def deployable(model: nn.Module, input_shape: tuple[int, ...] | None = None, for_onnx: bool = False) -> nn.Module:
     """A copy of ``model`` in eval mode, ready for a runtime: parametrizations baked, BatchNorms
     folded where :func:`fold_batchnorm` can (a model ``torch.fx`` cannot trace keeps its
     BatchNorms: runtimes fold Conv+BN themselves), and every module with a ``deploy_form(
-    in_shape)`` method replaced by the module it returns (given one dry pass on ``input_shape``,
-    ``(C, H, W)``, to learn its input shape). Same outputs as ``model.eval()`` up to rounding.
+    in_shape, for_onnx)`` method replaced by the module it returns (given one dry pass on ``input_shape``,
+    ``(C, H, W)``, to learn its input shape): the forms for PyTorch, or with ``for_onnx`` those for an
+    ONNX graph (:func:`~sepconv.deploy.export_onnx`). Same outputs as ``model.eval()`` up to rounding.
     :func:`~sepconv.deploy.choose_forms` goes one step further: each linear separable block as its
     deploy form or its dense conv, whichever is measured faster in the target runtime."""
     model = copy.deepcopy(model).eval()
@@ -186,7 +188,7 @@ def deployable(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         dtype, device = input_dtype(model)
         for name in sorted(run.inputs, key=lambda n: -n.count(".")):  # inner modules first
             mod, shape = run.inputs[name]
-            form = mod.deploy_form(shape).to(dtype=dtype, device=device).eval()
+            form = mod.deploy_form(shape, for_onnx=for_onnx).to(dtype=dtype, device=device).eval()
             if name:
                 model.set_submodule(name, form)
             else:  # the model is itself such a module (one block)

@@ -152,7 +152,7 @@ def runner(model: nn.Module, input_shape: Sequence[int], runtime: str = "torch",
     if not isinstance(batch, int) or batch < 1 or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"batch and threads must be positive integers, got {batch!r} and {threads!r}")
     shape = _check_shape(input_shape)
-    net = deployable(model, shape)
+    net = deployable(model, shape, for_onnx=runtime == "onnxruntime")
     p = next(iter(net.parameters()), None)
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
     if p is not None and p.is_floating_point():

@@ -72,11 +72,11 @@ class ZeroPadShortcut(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
 
-    def deploy_form(self, in_shape: tuple[int, ...]) -> nn.Conv2d:
+    def deploy_form(self, in_shape: tuple[int, ...], for_onnx: bool = False) -> nn.Conv2d:
         """The same map as a fixed 1x1 conv of this stride whose weight is the identity padded with
         zero rows (exact: each output is one input times 1, or 0). Runtimes run it in their conv
         layout, where the strided slice and channel pad would convert layouts twice
-        (:func:`sepconv.deploy.deployable` uses it)."""
+        (:func:`sepconv.deploy.deployable` uses it, for every runtime)."""
         cin = in_shape[0]
         conv = nn.Conv2d(cin, cin + self.extra, 1, self.stride, bias=False)
         with torch.no_grad():
