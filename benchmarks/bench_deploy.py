@@ -29,14 +29,15 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sepconv.decompose import convert
-from sepconv.deploy import RUNTIMES, deployable, export_onnx, latency_ratio, measure, torch_threads
-from sepconv.deploy.export import onnx_session
+from sepconv.deploy import RUNTIMES, deployable, export_onnx, latency_ratio, measure, relative_error, torch_threads
+from sepconv.deploy.export import DEFAULT_OPSET, _quiet, onnx_session
 from sepconv.models import create_model, profile
 
 from ._util import md_table
@@ -54,7 +55,8 @@ GROUPS = [
     ("resnet50", (3, 224, 224), 16, [
         ("regular", None), ("dsc rank 1", dict(to="dsc", rank=1)),
         (f"dsc energy {ENERGY}", dict(to="dsc", energy=ENERGY)),
-        ("bsconv_u rank 1", dict(to="bsconv_u", rank=1)), ("zoo conv=dsc", "dsc")]),
+        ("bsconv_u rank 1", dict(to="bsconv_u", rank=1)),
+        (f"bsconv_u energy {ENERGY}", dict(to="bsconv_u", energy=ENERGY)), ("zoo conv=dsc", "dsc")]),
     ("mobilenet_v2", (3, 224, 224), 16, [
         ("published (separable)", None), ("stem converted, dsc rank 1", dict(to="dsc", rank=1))]),
 ]
@@ -259,21 +261,41 @@ FORMS = [(f"dsc energy {ENERGY}", dict(to="dsc", energy=ENERGY)),
          (f"bsconv_u energy {ENERGY}", dict(to="bsconv_u", energy=ENERGY)), ("zoo conv=dsc", "dsc")]
 
 
+def _ort_as_is(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """ONNX Runtime (1 thread) on ``net`` exported exactly as it is: ``export_onnx`` would replace its modules
+    by their ONNX deploy forms first. Checked against torch (relative error at most 1e-5)."""
+    path = Path(tempfile.mkdtemp(prefix="bench_deploy.")) / "as_is.onnx"
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=DEFAULT_OPSET, input_names=["input"],
+                          output_names=["output"], external_data=False)
+    sess = onnx_session(path, 1)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    with torch.no_grad():
+        err = relative_error(sess.run(None, feed)[0], net(x).numpy())
+    if not err <= 1e-5:
+        raise RuntimeError(f"bench_deploy: the as-is export differs from torch ({err:.1e})")
+    return lambda: sess.run(None, feed)
+
+
 def _forms(quick: bool) -> list[list[str]]:
     """Each of :data:`FORMS` as built (eval, BatchNorm folded: ``deployable`` without an input shape) against
-    its deploy forms (``deployable`` with one), interleaved, per runtime and batch at 1 thread: medians and
-    the forms' latency ratio with its paired 95 % interval over the rounds."""
+    its deploy forms (``deployable`` with one: PyTorch's, and in ONNX Runtime the ONNX forms, and PyTorch's
+    exported as they are), interleaved, per runtime and batch at 1 thread: medians and the forms' latency
+    ratio with its paired 95 % interval over the rounds."""
     shape = (3, 16, 16) if quick else (3, 32, 32)
     rows = []
     for label, net in _variants("resnet20", shape, FORMS, quick).items():
-        built, forms = deployable(net), {False: deployable(net, shape), True: deployable(net, shape, for_onnx=True)}
+        built, forms = deployable(net), deployable(net, shape)
         for batch in (1, 2) if quick else (1, 64):
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             with torch_threads(1):
-                for runtime in ("torch", "torch-cl", "onnxruntime"):
-                    form = forms[runtime == "onnxruntime"]
-                    lat = measure({"built": _fn(runtime, built, x), "forms": _fn(runtime, form, x)},
-                                  repeats=3 if quick else 30, warmup=2, max_seconds=5 if quick else 60)
+                timed = {runtime: ({"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)})
+                         for runtime in ("torch", "torch-cl")}
+                timed["onnxruntime"] = {"built": _ort_as_is(built, x), "forms": _fn("onnxruntime", net, x)}
+                timed["onnxruntime, PyTorch's forms"] = {"built": timed["onnxruntime"]["built"],
+                                                         "forms": _ort_as_is(forms, x)}
+                for runtime, fns in timed.items():
+                    lat = measure(fns, repeats=3 if quick else 30, warmup=2, max_seconds=5 if quick else 60)
                     c = latency_ratio(lat["forms"], lat["built"])
                     rows.append([label, str(batch), runtime, str(lat["built"]), str(lat["forms"]),
                                  f"{lat['forms'].median / lat['built'].median:.2f} "
@@ -356,9 +378,10 @@ def run(quick: bool) -> str:
         "DSC's depthwise as m input copies into a multiplier-1 depthwise, a b-blueprint BSConv-U's grouped conv "
         "as a multiplier-1 depthwise on bC channels and a slice sum; for ONNX (`for_onnx=True`, what "
         "`export_onnx` exports): either block as m or b branches, each a multiplier-1 depthwise and a pointwise "
-        "conv, summed; for both, the option-A shortcut as a fixed strided 1x1 conv. Median (quartiles) ms; "
-        "ratio = forms / as built with its paired 95 % interval over the interleaved rounds. The rows above all "
-        "use the deploy forms.",
+        "conv, summed; for both, the option-A shortcut as a fixed strided 1x1 conv. In ONNX Runtime 'as built' is "
+        "the model exported as it is (`export_onnx` would put in the ONNX forms first), and a second row times "
+        "PyTorch's forms exported as they are. Median (quartiles) ms; ratio = forms / as built with its paired "
+        "95 % interval over the interleaved rounds. The rows above all use the deploy forms.",
         "",
         md_table(["variant", "batch", "runtime", "as built ms", "deploy forms ms", "ratio (95 % interval)"],
                  _forms(quick)),
