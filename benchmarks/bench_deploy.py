@@ -289,7 +289,7 @@ def _forms(quick: bool) -> list[list[str]]:
         for batch in (1, 2) if quick else (1, 64):
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             with torch_threads(1):
-                timed = {runtime: ({"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)})
+                timed = {runtime: {"built": _fn(runtime, built, x), "forms": _fn(runtime, forms, x)}
                          for runtime in ("torch", "torch-cl")}
                 timed["onnxruntime"] = {"built": _ort_as_is(built, x), "forms": _fn("onnxruntime", net, x)}
                 timed["onnxruntime, PyTorch's forms"] = {"built": timed["onnxruntime"]["built"],
