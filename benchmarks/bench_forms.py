@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from sepconv.deploy import RUNTIMES as ALL_RUNTIMES
 from sepconv.deploy import choose_forms, deployable, latency_ratio, measure, torch_threads
 from sepconv.deploy.choose import LEVEL, LOOKS
 from sepconv.models import profile
@@ -61,7 +62,7 @@ def run(quick: bool) -> str:
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             repeats = 3 if quick else (30 if shape[1] < 100 else 10)
             for label, net in list(nets.items())[1:]:
-                sep = {rt: deployable(net, shape, for_onnx=rt == "onnxruntime") for rt in RUNTIMES}
+                sep = {rt: deployable(net, shape, ALL_RUNTIMES[rt].for_onnx) for rt in RUNTIMES}
                 sep_ratio = profile(sep["torch"], shape).flops / flops0
                 chosen, lat = {}, {}
                 for rt in RUNTIMES:

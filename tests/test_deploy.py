@@ -174,7 +174,7 @@ def test_deploy_forms_are_the_same_maps():
     with torch.no_grad():
         assert _rel(dep(x), bsu(x)) <= 1e-6
     # for ONNX: m (b) branches, each a multiplier-1 depthwise and a pointwise conv, summed
-    for mod, parts in ((block, 3), (bsu, 3)):
+    for mod, parts in ((block, block.depth_multiplier), (bsu, bsu.blueprints)):
         dep = deployable(mod, (5, 11, 11), for_onnx=True)
         branches = next(m for m in dep.modules() if isinstance(m, Branches))
         assert len(branches.branches) == parts
@@ -235,6 +235,16 @@ def test_onnx_export_bakes_spectral_normalization(tmp_path):
     assert [c.inputs for c in res.checks] == ["random", "random", "data"]
     nodes = set(res.nodes)
     assert not nodes & {"Svd", "Loop", "ReduceL2", "Sqrt", "DFT"}  # no normalization work left in the graph
+
+
+def test_export_as_built_keeps_the_grouped_conv_and_forms_export_the_branches(tmp_path):
+    block = _trained_like(DepthwiseSeparableConv2d(8, 6, 3, padding=1, depth_multiplier=3)).eval()
+    built = export_onnx(block, tmp_path / "built.onnx", (8, 9, 9), forms=False)
+    forms = export_onnx(block, tmp_path / "forms.onnx", (8, 9, 9))
+    assert built.max_error <= 1e-5 and forms.max_error <= 1e-5  # both verified against torch
+    assert built.nodes["Conv"] == 2 and built.depthwise == 1  # the multiplier-3 depthwise conv, one pointwise
+    assert "Add" not in built.nodes
+    assert forms.nodes["Conv"] == 6 and forms.depthwise == 3 and forms.nodes["Add"] == 2
 
 
 def test_export_refuses_a_model_it_cannot_capture_and_names_the_module(tmp_path):

@@ -225,6 +225,17 @@ def _flat_depthwise(like: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> nn.
     return new
 
 
+def _pointwise(weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
+    """A 1x1 conv holding ``weight`` ``(out, in)`` and ``bias``."""
+    new = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight.reshape(new.weight.shape))
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 #: activations that act on each value alone (they commute with a permutation of channels)
 _STATELESS_ACTS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardtanh, nn.SiLU, nn.GELU, nn.ELU,
                    nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -383,16 +394,12 @@ class DepthwiseSeparableConv2d(_SeparableBlock):
 
     def _branch(self, j: int) -> nn.Sequential:
         """Branch ``j`` of the ``for_onnx`` deploy form: the ``j``-th filter of each input's ``m``, the
-        activation, and the pointwise conv's columns they feed (the bias once, in branch 0)."""
+        activation, and the pointwise conv's columns they feed (the bias once, in branch 0). The block is
+        the sum of these ``m`` paths: depth multiplier ``m`` read as ``m`` parallel DW->PW paths (Network
+        Decoupling's ``-DP`` form, Guo et al., BMVC 2018, arXiv 1808.05517; docs/decomposition.md Sec. 1)."""
         m, dw, pw = self.depth_multiplier, self.dw, self.pw
         depthwise = _flat_depthwise(dw, dw.weight[j::m], None if dw.bias is None else dw.bias[j::m])
-        bias = pw.bias if j == 0 else None
-        point = nn.Conv2d(dw.in_channels, pw.out_channels, 1, bias=bias is not None, device=pw.weight.device,
-                          dtype=pw.weight.dtype)
-        with torch.no_grad():
-            point.weight.copy_(pw.weight[:, j::m])
-            if bias is not None:
-                point.bias.copy_(bias)
+        point = _pointwise(pw.weight[:, j::m], pw.bias if j == 0 else None)
         return nn.Sequential(*(p for p in (depthwise, self.mid_act, point) if not isinstance(p, nn.Identity)))
 
     def dense_weight(self) -> Tensor:
@@ -465,14 +472,11 @@ class BSConvU(_SeparableBlock):
 
     def _branch(self, j: int) -> nn.Sequential:
         """Branch ``j`` of the ``for_onnx`` deploy form: the pointwise rows feeding each output's ``j``-th
-        blueprint, then those blueprints as a multiplier-1 depthwise conv (the bias once, in branch 0)."""
+        blueprint, then those blueprints as a multiplier-1 depthwise conv (the bias once, in branch 0). The
+        block is the sum of these ``b`` paths: the ``K``-path PW->DW form of Network Decoupling (Guo et al.,
+        BMVC 2018, arXiv 1808.05517) with ``K = b``; docs/decomposition.md Sec. 3."""
         b, dw, pw = self.blueprints, self.dw, self.pw
-        point = nn.Conv2d(pw.in_channels, dw.out_channels, 1, bias=pw.bias is not None, device=pw.weight.device,
-                          dtype=pw.weight.dtype)
-        with torch.no_grad():
-            point.weight.copy_(pw.weight[j::b])
-            if pw.bias is not None:
-                point.bias.copy_(pw.bias[j::b])
+        point = _pointwise(pw.weight[j::b], None if pw.bias is None else pw.bias[j::b])
         return nn.Sequential(point, _flat_depthwise(dw, dw.weight[:, j:j + 1], dw.bias if j == 0 else None))
 
     def dense_weight(self) -> Tensor:

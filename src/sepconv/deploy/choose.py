@@ -154,7 +154,7 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
             raise ConfigError(f"choose_forms: {what} must be a positive integer, got {v!r}")
     shape = _check_shape(input_shape)
     net = deployable(model)  # a copy: eval, baked, BatchNorm folded (no deploy forms yet)
-    for_onnx = runtime == "onnxruntime"  # the deploy forms of that runtime
+    for_onnx = RUNTIMES[runtime].for_onnx  # the deploy forms of that runtime
     blocks = dry_forward(net, shape, record=(_SeparableBlock,), where="choose_forms").inputs
     timed: dict[tuple, tuple] = {}
     dense, alone = {}, {}

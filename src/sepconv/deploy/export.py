@@ -182,12 +182,13 @@ def _graph_stats(path: Path) -> tuple[dict[str, int], int]:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *,
                 opset: int = DEFAULT_OPSET, batch: int | None = None, inputs: Tensor | None = None,
-                rtol: float = 1e-5, seed: int = 0) -> ExportResult:
+                rtol: float = 1e-5, seed: int = 0, forms: bool = True) -> ExportResult:
     """Export ``model`` to an ONNX file at ``path`` for inputs of ``input_shape`` = ``(C, H, W)``.
 
     What is exported is :func:`~sepconv.deploy.fold.deployable` of the model (eval mode,
-    parametrizations baked, BatchNorm folded, the deploy forms for ONNX). Before the file is written the exported graph
-    runs in ONNX Runtime on random inputs and on ``inputs`` (real images, ``(N, C, H, W)``) when
+    parametrizations baked, BatchNorm folded, and with ``forms`` its modules in their deploy forms for
+    ONNX; ``forms=False`` exports them as built). Before the file is written the exported graph runs
+    in ONNX Runtime on random inputs and on ``inputs`` (real images, ``(N, C, H, W)``) when
     given; ``batch=None`` exports a dynamic batch dimension (checked at batch 2 and 1, and all of
     ``inputs``), an int a fixed one (``inputs`` checked in chunks of it). The file is written only if every
     output's relative error (:func:`relative_error`) is at most ``rtol``, else
@@ -208,7 +209,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     for dep in ("onnx", "onnxscript", "onnxruntime"):
         require(dep)
     path = Path(path)
-    net = deployable(model, shape, for_onnx=True)
+    net = deployable(model, shape, for_onnx=True) if forms else deployable(model)
     p = next(iter(net.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(seed)

@@ -121,13 +121,15 @@ class Runtime:
     name: str
     help: str
     build: Callable[[nn.Module, torch.Tensor, int, Path], Callable[[], object]]
+    for_onnx: bool = False  # runs an ONNX graph: the deploy forms for ONNX (``deployable(..., for_onnx=True)``)
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("torch", "PyTorch eager, NCHW", _eager(False)),
     Runtime("torch-cl", "PyTorch eager, channels_last", _eager(True)),
     Runtime("torch-compile", "torch.compile (inductor); compile time excluded", _compiled),
-    Runtime("onnxruntime", "ONNX Runtime CPU, the verified ONNX export, all graph optimizations", _onnxruntime),
+    Runtime("onnxruntime", "ONNX Runtime CPU, the verified ONNX export, all graph optimizations", _onnxruntime,
+            for_onnx=True),
 )}
 
 
@@ -152,7 +154,7 @@ def runner(model: nn.Module, input_shape: Sequence[int], runtime: str = "torch",
     if not isinstance(batch, int) or batch < 1 or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"batch and threads must be positive integers, got {batch!r} and {threads!r}")
     shape = _check_shape(input_shape)
-    net = deployable(model, shape, for_onnx=runtime == "onnxruntime")
+    net = deployable(model, shape, RUNTIMES[runtime].for_onnx)
     p = next(iter(net.parameters()), None)
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
     if p is not None and p.is_floating_point():
