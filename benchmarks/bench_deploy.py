@@ -145,12 +145,59 @@ def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float
     return dict(agg)
 
 
+def _depthwise_copy_ms(net: torch.nn.Module, x: torch.Tensor) -> float:
+    """Milliseconds one thread takes to copy the bytes ``net``'s depthwise convs must read and write at least
+    on ``x`` (their inputs and outputs, :func:`_copy_us`): what depthwise kernels at copy speed would take."""
+    values: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: values.append(i[0].numel() + o.numel()))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d) and _is_depthwise(m.weight.shape)]
+    try:
+        with torch.inference_mode():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(_copy_us(v // 2) for v in values) / 1e3
+
+
+def _is_depthwise(w) -> bool:
+    """A conv weight of shape ``w`` is a depthwise one: one input channel per filter, a k x k kernel (k > 1)."""
+    return len(w) == 4 and w[1] == 1 and w[2] * w[3] > 1
+
+
+def _profile_eager(runtime: str, net: torch.nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
+    """PyTorch's own profile (``torch.profiler``, CPU, the current thread count) of ``net`` in ``runtime``
+    (``torch`` or ``torch-cl``), per run: ms in the top-level aten ops -- depthwise convs, other convs (dense
+    and pointwise), the rest (adds, activations, copies, slice sums) -- and outside them ("outside": Python,
+    module calls and the profiler's own cost), the top-level op "calls" (and "<kind> calls" per kind), and
+    "wall", the profiled run's time."""
+    fn = _fn(runtime, net, x)
+    fn(), fn()
+    out = collections.Counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        t = time.perf_counter()
+        for _ in range(runs):
+            fn()
+        out["wall"] = 1e3 * (time.perf_counter() - t) / runs
+    for e in prof.events():
+        if e.cpu_parent is not None or not e.name.startswith("aten::"):
+            continue
+        kind = "rest"
+        if e.name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
+            kind = "depthwise conv" if _is_depthwise(e.input_shapes[1]) else "other conv"
+        out[kind] += e.cpu_time_total / 1e3 / runs
+        out["calls"] += 1 / runs
+        out[f"{kind} calls"] += 1 / runs
+    out["outside"] = out["wall"] - sum(out[k] for k in ("depthwise conv", "other conv", "rest"))
+    return dict(out)
+
+
 def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], list[list[str]], list[dict]]:
     models = _variants(name, shape, variants, quick)
     nets = {k: deployable(m, shape) for k, m in models.items()}  # the PyTorch forms; ONNX's are exported
     prof = {k: profile(m, shape) for k, m in nets.items()}
     base = next(iter(nets))
-    rows, where, results = [], [], []
+    rows, where, eager_where, results = [], [], [], []
     tmp = Path(tempfile.mkdtemp(prefix="bench_deploy."))
     paths = {}
     for i, k in enumerate(models):
@@ -188,6 +235,7 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                 res = dict(model=name, variant=k, batch=batch, threads=threads, flop_ratio=fr,
                            eager_ratio=math.exp(slower.mean), ort_ratio=ort / ort_base,
                            eager_slower=slower.held is False, eager_ci=(math.exp(slower.lo), math.exp(slower.hi)))
+                res["layout"] = best
                 results.append(res)
                 goal = ""
                 if k != base and threads == 1:
@@ -200,6 +248,7 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                                             for r in ("torch", "torch-cl", "torch-compile", "onnxruntime")),
                              f"{res['eager_ratio']:.2f}{ci}", f"{res['ort_ratio']:.3f}",
                              f"{res['ort_ratio'] / fr:.2f}" if k != base else "", goal])
+    eager_where = _where_eager(name, nets, results, shape, quick)
     base_total = {}
     for k in nets:  # base first
         for batch in batches:
@@ -224,7 +273,40 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                           f"{total / base_total[batch]:.3f}" if k != base else "",
                           *(f"{r:.3f} ({'within' if r <= ORT_GOAL * fr else '**beyond**'} {ORT_GOAL * fr:.3f})"
                             if k != base else "" for r in (free, copy_speed))])
-    return rows, where, results
+    return rows, where, eager_where, results
+
+
+def _where_eager(name, nets, results, shape, quick) -> list[list[str]]:
+    """The eager profile (:func:`_profile_eager`, 1 thread, each variant in its better layout of the timed
+    rows) of every variant of one model at each batch, beside the regular network's, as table rows; each
+    result (1 thread) gets the profiled ratios its eager goal is judged against (``e_free``: depthwise convs
+    taking no time, ``e_copy``: taking a copy's time, ``e_ops``: the aten ops' time, ``e_wall``: as profiled)."""
+    rows, base = [], next(iter(nets))
+    for res0 in [r for r in results if r["threads"] == 1 and r["variant"] == base]:
+        batch = res0["batch"]
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        runs = 3 if quick else (20 if shape[1] < 100 else 3)
+        with torch_threads(1):
+            prof = {r["variant"]: (r, _profile_eager(r["layout"], nets[r["variant"]], x, runs),
+                                   _depthwise_copy_ms(nets[r["variant"]], x))
+                    for r in results if r["threads"] == 1 and r["batch"] == batch}
+        p0 = prof[base][1]
+        ops0 = p0["wall"] - p0["outside"]
+        for k, (res, p, copy_ms) in prof.items():
+            dw, ops = p.get("depthwise conv", 0.0), p["wall"] - p["outside"]
+            if k != base:
+                res.update(e_free=(ops - dw) / ops0, e_copy=(ops - dw + copy_ms) / ops0, e_ops=ops / ops0,
+                           e_wall=p["wall"] / p0["wall"])
+            rows.append([name, k, batch, res["layout"], f"{p['wall']:.3f}", f"{dw:.3f}",
+                         f"{p.get('other conv', 0.0):.3f}", f"{p.get('rest', 0.0):.3f}", f"{p['outside']:.3f}",
+                         f"{p['calls']:.0f}",
+                         f"{1e3 * dw / p['depthwise conv calls']:.0f} ({1e3 * copy_ms / p['depthwise conv calls']:.1f})"
+                         if dw else "",
+                         *(f"{v:.3f}" + (f" ({'within' if v <= 1 else '**beyond**'} 1)" if key != "e_wall" else "")
+                           if k != base else "" for key, v in (
+                               ("e_wall", res.get("e_wall", 0)), ("e_ops", res.get("e_ops", 0)),
+                               ("e_free", res.get("e_free", 0)), ("e_copy", res.get("e_copy", 0))))])
+    return rows
 
 
 def _eager_ops(quick: bool) -> list[list[str]]:
@@ -305,33 +387,42 @@ LIMITS = (
      "kernels"),
     ("the profiled kernel time meets it (the miss lies outside the kernels: session overhead, or noise)", None),
 )
+#: the same for a row that misses the eager goal (ratios of profiled aten-op time to the regular network's)
+EAGER_LIMITS = (
+    ("the other ops alone are slower than the regular network (beyond without depthwise: pointwise convs, "
+     "the calls' fixed cost, copies)", "e_free"),
+    ("no depthwise kernel that moves its bytes at copy speed reaches it (beyond at copy speed)", "e_copy"),
+    ("PyTorch's depthwise conv calls, slower than a copy of their bytes (at batch 1 their fixed cost), miss it "
+     "(within at copy speed)", "e_ops"),
+    ("the aten ops' time meets it (the miss lies outside them: Python and module calls, or noise)", None),
+)
 
 
-def _limits(sep: list[dict]) -> str:
-    """What limits each separable row (1 thread) that misses the ONNX Runtime goal, from its profile:
-    the kernel ratio with the depthwise convs taking no time, taking a copy's time, and as profiled --
-    the first above the goal names the limit."""
-    kinds: dict[str, list[dict]] = {what: [] for what, _ in LIMITS}
+def _limits(sep: list[dict], runtime: str, limits, missed, goal, needs: str) -> str:
+    """What limits each separable row (1 thread) that misses ``runtime``'s goal (``missed(row)``), from its
+    profile (rows that have ``needs``): the first of ``limits`` (label, profiled ratio) whose ratio is above
+    ``goal(row)`` names the limit."""
+    kinds: dict[str, list[dict]] = {what: [] for what, _ in limits}
     for r in sep:
-        goal = ORT_GOAL * r["flop_ratio"]
-        if r["ort_ratio"] > goal and "free" in r:
-            kinds[next(what for what, key in LIMITS if key is None or r[key] > goal)].append(r)
-    missed = sum(len(rows) for rows in kinds.values())
+        if missed(r) and needs in r:
+            kinds[next(what for what, key in limits if key is None or r[key] > goal(r))].append(r)
+    n = sum(len(rows) for rows in kinds.values())
 
     def named(rows):
         return ", ".join(f"{r['model']} {r['variant']} batch {r['batch']}" for r in rows)
     parts = [f"{what}: {len(rows)} ({named(rows)})" for what, rows in kinds.items() if rows]
-    return (f"**What limits the {missed} rows (1 thread) that miss the ONNX Runtime goal**, by their profile: "
-            + "; ".join(parts) + "." if missed else "Every separable row (1 thread) meets the ONNX Runtime goal.")
+    return (f"**What limits the {n} rows (1 thread) that miss the {runtime} goal**, by their profile: "
+            + "; ".join(parts) + "." if n else f"Every separable row (1 thread) meets the {runtime} goal.")
 
 
 def run(quick: bool) -> str:
     groups = [(n, (s[0], 16, 16) if quick else s, b, v[:3] if quick else v) for n, s, b, v in GROUPS]
-    rows, where, results, notes = [], [], [], []
+    rows, where, eager_where, results, notes = [], [], [], [], []
     for name, shape, big, variants in groups:
-        r, w, res = _group(name, shape, big, variants, quick, notes)
+        r, w, e, res = _group(name, shape, big, variants, quick, notes)
         rows += r
         where += w
+        eager_where += e
         results += res
     sep = [r for r in results if r["threads"] == 1 and r["variant"] not in ("regular", "published (separable)")]
     ort_met = [r for r in sep if r["ort_ratio"] <= ORT_GOAL * r["flop_ratio"]]
@@ -400,12 +491,37 @@ def run(quick: bool) -> str:
         "depthwise kernel that moves its bytes can; **within** at copy speed means ONNX Runtime's depthwise "
         "kernel, slower than a copy of its bytes, is what misses the goal.",
         "",
-        _limits(sep),
+        _limits(sep, "ONNX Runtime", LIMITS, lambda r: r["ort_ratio"] > ORT_GOAL * r["flop_ratio"],
+                lambda r: ORT_GOAL * r["flop_ratio"], "free"),
         "",
         md_table(["model", "variant", "batch", "kernel ms", "depthwise ms", "depthwise time share",
                   "depthwise FLOP share", "depthwise GFLOP/s", "other conv ms", "other conv GFLOP/s", "rest ms",
                   "depthwise GB/s (a copy's)", "kernel ratio", "kernel ratio without depthwise (goal)",
                   "kernel ratio, depthwise at copy speed (goal)"], where),
+        "",
+        "### Where the time goes (PyTorch eager, 1 thread, torch.profiler)",
+        "",
+        "PyTorch's own profile (`torch.profiler`, CPU) of each variant in the layout it ran fastest in above, "
+        "per run: the profiled run's wall time; time in the top-level aten ops, split into depthwise convs, other "
+        "convs (dense and pointwise) and the rest (adds, activations, input copies, slice sums); time outside "
+        "any aten op (Python, module calls, the profiler's own cost); the top-level op calls; and the time "
+        "of one depthwise conv call beside the time one thread takes to copy the bytes it must read and write at "
+        "least (as in the ONNX Runtime profile): where a call takes far longer than its copy at small shapes, "
+        "its fixed cost (dispatch, oneDNN primitive setup, output allocation) sets it. The last four "
+        "columns are ratios to the regular network's profile: wall time; "
+        "aten-op time; aten-op time without the depthwise convs (a bound no faster depthwise kernel can beat "
+        "while the other ops stay as they are); and with each depthwise conv taking a copy's time. Against the "
+        "eager goal (a ratio of at most 1): **beyond** without depthwise means the other ops alone are slower "
+        "than the regular network's (pointwise convs at small channel counts, each call's fixed cost, copies); "
+        "**beyond** at copy speed means no depthwise kernel that moves its bytes can reach the goal; **within** "
+        "at copy speed means PyTorch's depthwise kernel, slower than a copy of its bytes, is what misses it.",
+        "",
+        _limits(sep, "PyTorch eager", EAGER_LIMITS, lambda r: r["eager_slower"], lambda r: 1.0, "e_free"),
+        "",
+        md_table(["model", "variant", "batch", "layout", "wall ms", "depthwise ms", "other conv ms", "rest ms",
+                  "outside ops ms", "op calls",
+                  "us per depthwise call (at copy speed)", "wall ratio", "op ratio (goal)",
+                  "op ratio without depthwise (goal)", "op ratio, depthwise at copy speed (goal)"], eager_where),
         "",
         "### Where the time goes (PyTorch eager, batch 1, 1 thread, one conv per call)",
         "",

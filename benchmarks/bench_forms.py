@@ -1,8 +1,10 @@
-"""Fastest exact forms: each separable block as its deploy form or its dense conv, whichever runs faster.
+"""Fastest exact forms: each separable block as its deploy form, its summed branches or its dense conv,
+whichever runs faster.
 
-A converted network's linear separable blocks are exactly regular convs (their composed kernels);
-``sepconv.deploy.choose_forms`` times both forms of every block in the target runtime, batch and
-thread count and keeps the dense conv only where the paired interval says it is faster. This section
+A converted network's linear separable blocks are exactly regular convs (their composed kernels), and a
+block of rank above 1 is exactly the sum of its rank-1 branches; ``sepconv.deploy.choose_forms`` times
+these forms of every block in the target runtime, batch and thread count and keeps another form than the
+deploy form only where the paired interval says it is faster. This section
 measures, per runtime, the regular network, the converted one in its separable deploy forms (as in
 "Deployment speed") and the converted one in its chosen forms, interleaved, 1 thread; choosing is
 done in the runtime, batch and threads of the row. Weights are the models' initial ones (latency
@@ -28,7 +30,7 @@ from sepconv.models import profile
 from ._util import md_table
 from .bench_deploy import ENERGY, _fn, _variants
 
-TITLE = "Fastest exact forms: separable blocks as their deploy form or their dense conv, chosen by measurement"
+TITLE = "Fastest exact forms: separable blocks as their deploy form, branches or dense conv, chosen by measurement"
 
 RUNTIMES = ("torch", "torch-cl", "onnxruntime")
 # (model, input, batches, variants): variants as in bench_deploy (the first one is the regular network)
@@ -79,7 +81,8 @@ def run(quick: bool) -> str:
                     r_sep, r_ch = (_ratio(lat[(rt, k)], lat[(rt, "regular")]) for k in ("separable", "chosen"))
                     rows.append([name, label, batch, rt, f"{sep_ratio:.3f}",
                                  str(lat[(rt, "regular")]), str(lat[(rt, "separable")]), str(lat[(rt, "chosen")]),
-                                 f"{len(chosen[rt].dense)}/{len(chosen[rt].choices)} ({chosen[rt].plan})",
+                                 f"{len(chosen[rt].dense)}/{len(chosen[rt].branches)}/{len(chosen[rt].choices)} "
+                                 f"({chosen[rt].plan})",
                                  f"{profile(chosen[rt].model, shape).flops / flops0:.3f}",
                                  f"{r_sep[0]:.2f} ({r_sep[1]:.2f}-{r_sep[2]:.2f})",
                                  f"{r_ch[0]:.2f} ({r_ch[1]:.2f}-{r_ch[2]:.2f})"])
@@ -92,14 +95,17 @@ def run(quick: bool) -> str:
     eager_met = sum(not g[4] for g in goal)
     worst = max(goal, key=lambda g: g[3][0])
     head = ["model", "variant", "batch", "runtime", "FLOP ratio (separable)", "regular ms", "separable forms ms",
-            "fastest forms ms", "blocks made dense", "FLOP ratio (fastest)", "separable / regular (95 %)",
+            "fastest forms ms", "blocks made dense / branches / of", "FLOP ratio (fastest)",
+            "separable / regular (95 %)",
             "fastest / regular (95 %)"]
     text = [
         "Median latency (quartiles), 1 thread, of the regular network, the converted one in its separable deploy "
-        "forms and the converted one with each linear separable block in the faster of its two exact forms "
-        "(`sepconv.deploy.choose_forms`: both forms of every distinct block timed on the block's input shape in "
-        "that runtime and batch; the dense conv kept only where the paired 95 % interval of its latency ratio lies "
-        "below 1; then the whole model is checked, all blocks separable, this per-block plan and all dense, and "
+        "forms and the converted one with each linear separable block in the fastest of its exact forms "
+        "(`sepconv.deploy.choose_forms`: the deploy form, in eager the summed branches of a block of rank above 1 "
+        "(the ONNX deploy form), and the dense conv of every distinct block timed on the block's input shape in "
+        "that runtime and batch; a form replaces the one kept so far only where the paired 95 % interval of "
+        "their latency ratio lies below 1; then the whole model is checked, all blocks in their deploy forms, "
+        "this per-block plan and all dense, and "
         "a plan replaces the one kept so far only where it is faster by the paired rule, each look at a "
         f"{100 * LEVEL:.1f} % interval, a comparison left open timed again with twice the rounds, up to {LOOKS} "
         "looks: the plan kept is named in the table). The three are interleaved, the two eager layouts together "

@@ -3,6 +3,8 @@ the ONNX export round-trips in ONNX Runtime for every zoo family in regular and 
 converted and spectrally normalized models, at batch 1 and a dynamic batch; bad input is one
 clear error."""
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -173,6 +175,10 @@ def test_deploy_forms_are_the_same_maps():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules())
     with torch.no_grad():
         assert _rel(dep(x), bsu(x)) <= 1e-6
+        # in channels_last memory the slice sum adds its slices one by one: the same map, the same layout
+        cl = x.contiguous(memory_format=torch.channels_last)
+        y = copy.deepcopy(dep).to(memory_format=torch.channels_last)(cl)
+        assert _rel(y, bsu(x)) <= 1e-6 and y.is_contiguous(memory_format=torch.channels_last)
     # for ONNX: m (b) branches, each a multiplier-1 depthwise and a pointwise conv, summed
     for mod, parts in ((block, block.depth_multiplier), (bsu, bsu.blueprints)):
         dep = deployable(mod, (5, 11, 11), for_onnx=True)

@@ -17,7 +17,7 @@ from sepconv.decompose import convert
 from sepconv.deploy import RUNTIMES, Latency, Runtime, choose_forms, latency_ratio
 from sepconv.deploy.choose import LEVEL
 from sepconv.errors import ConfigError
-from sepconv.layers import BSConvS, BSConvU, DepthwiseSeparableConv2d
+from sepconv.layers import Branches, BSConvS, BSConvU, ChannelRepeat, DepthwiseSeparableConv2d, GroupSum
 from sepconv.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,12 +91,13 @@ class _Clock:
 def fake_runtime(monkeypatch):
     """A runtime 'fake' whose calls cost (on a fake clock) 1 unit per conv, except a dense 3x3 conv:
     ``dense_cost`` units (or ``dense_cost(conv)``) alone, ``dense_in_graph`` units inside a whole model (a
-    network with a Linear head); +-10 % noise, the same in every function of a round, or with ``jitter``
-    set, independent uniform +-``jitter`` noise per call (seeded: deterministic). ``calls`` counts the
-    calls of whole models."""
+    network with a Linear head), ``copy_cost`` units per input copy or slice sum (eager's deploy forms of
+    a multiplier-m DSC and a b-blueprint BSConv-U); +-10 % noise, the same in every function of a round,
+    or with ``jitter`` set, independent uniform +-``jitter`` noise per call (seeded: deterministic).
+    ``calls`` counts the calls of whole models."""
     clock = _Clock()
     monkeypatch.setattr(latency_mod.time, "perf_counter", clock)
-    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[], batches=set(), jitter=None, calls=0)
+    state = dict(dense_cost=3.0, dense_in_graph=None, builds=[], batches=set(), jitter=None, calls=0, copy_cost=0.0)
 
     def build(net, x, threads, tmp):
         whole = any(isinstance(m, nn.Linear) for m in net.modules())
@@ -106,6 +107,7 @@ def fake_runtime(monkeypatch):
         cost = 1e-3 * sum((dense_cost(m) if callable(dense_cost) else dense_cost)
                           if m.groups == 1 and m.kernel_size != (1, 1) else 1.0
                           for m in net.modules() if isinstance(m, nn.Conv2d))
+        cost += 1e-3 * state["copy_cost"] * sum(isinstance(m, (ChannelRepeat, GroupSum)) for m in net.modules())
         noise = itertools.cycle((0.9, 1.1, 1.0))
         rng = random.Random(len(state["builds"]))
 
@@ -155,6 +157,30 @@ def test_the_whole_model_overrules_blocks_timed_alone(fake_runtime):
     assert chosen.plan == "all dense" and len(chosen.dense) == 19 and _dense_3x3(chosen.model) == 19
     assert chosen.whole["all dense"].median < chosen.whole["all separable"].median
     assert "(all dense; whole model: all separable" in chosen.summary()
+
+
+@pytest.mark.parametrize("to", ["dsc", "bsconv_u"])
+def test_eager_blocks_of_rank_above_1_may_run_as_their_summed_branches(fake_runtime, to):
+    base = create_model("resnet20", num_classes=10)
+    net = convert(base, input_size=(3, 32, 32), progress=False, to=to, rank=2)[0].eval()
+    # eager's deploy form: 2 convs and a copy or slice sum (2 + 3); the 2 branches: 4 convs; dense: 6
+    fake_runtime.update(dense_cost=6.0, copy_cost=3.0)
+    chosen = choose_forms(net, (3, 32, 32), "fake")
+    assert len(chosen.branches) == 19 and chosen.dense == [] and chosen.plan == "per block"
+    assert all(c.form == "branches" and c.branches.median < c.separable.median for c in chosen.choices)
+    assert sum(isinstance(m, Branches) for m in chosen.model.modules()) == 19
+    assert not any(isinstance(m, (ChannelRepeat, GroupSum)) for m in chosen.model.modules())
+    assert "19 as summed branches" in chosen.summary()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+        assert (chosen.model(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    # branches dearer than the copies (4 > 2 + 1): the deploy form stays; dense cheaper than both: dense
+    fake_runtime.update(copy_cost=1.0)
+    assert choose_forms(net, (3, 32, 32), "fake").branches == []
+    fake_runtime.update(dense_cost=2.5)
+    chosen = choose_forms(net, (3, 32, 32), "fake")
+    assert len(chosen.dense) == 19 and chosen.branches == []
 
 
 def test_a_whole_model_comparison_left_open_is_timed_again_until_it_decides(fake_runtime):

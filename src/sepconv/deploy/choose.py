@@ -1,4 +1,4 @@
-"""The faster of a separable block's two exact forms, measured in the runtime it will run in.
+"""The fastest of a separable block's exact forms, measured in the runtime it will run in.
 
 A linear separable block (a DSC or BSConv block with nothing but folded BatchNorms between its
 convs) computes exactly a regular conv, its composed kernel
@@ -6,14 +6,18 @@ convs) computes exactly a regular conv, its composed kernel
 separable form faster: a depthwise and a pointwise conv move more memory per FLOP and pay two calls,
 so at small channel counts and at ranks above 1 they can take longer than the one dense conv they
 replace (BENCHMARKS.md, "Fastest exact forms": in PyTorch eager at batch 1, every block of a converted
-ResNet-20 runs faster dense). :func:`choose_forms` times both forms
+ResNet-20 runs faster dense). A block with depth multiplier or blueprints ``m > 1`` has a third exact
+form in PyTorch eager: ``m`` summed branches (the deploy form for ONNX, :class:`~sepconv.layers.Branches`),
+slower than eager's own form at batch 1 (one call per branch) and faster at large batches (no input
+copies or slice sums: BENCHMARKS.md, "Fastest exact forms"). :func:`choose_forms` times the forms
 of every such block, on the block's own input shape, in the runtime, batch and thread count given.
-The calls are interleaved, as in :func:`~sepconv.deploy.measure`. It keeps the dense conv only
-where the paired 95 % interval of the latency ratio lies below 1
-(:func:`~sepconv.deploy.latency_ratio`); otherwise the block stays separable. Blocks with equal
+The calls are interleaved, as in :func:`~sepconv.deploy.measure`. A form replaces the one kept so far
+(the runtime's deploy form first, then the branches, then the dense conv) only where the paired 95 %
+interval of their latency ratio lies below 1 (:func:`~sepconv.deploy.latency_ratio`). Blocks with equal
 forms and input shapes are timed once: latency depends on shapes, not on values. A block timed
 alone is not the block in its graph, so the per-block choice is then checked on the whole model
-against all blocks separable and all dense; the fastest of the three, by the same paired rule, is kept.
+against all blocks in their deploy forms and all dense; the fastest of the three, by the same paired rule, is
+kept.
 Whole models differ by a few percent where blocks alone differ by tens, so a whole-model comparison the
 interval leaves open is timed again, longer (a sequential test: :data:`LOOKS` looks, each at level
 :data:`LEVEL`, so that by Bonferroni's inequality an equal pair is called different at most 5 % of the time).
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import _SeparableBlock
+from ..layers import Branches, _SeparableBlock
 from ..probe import dry_forward
 from .export import _check_shape
 from .fold import deployable
@@ -47,9 +51,11 @@ LEVEL = 1 - 0.05 / LOOKS  # each look's interval level: an equal pair is called 
 
 @dataclass(frozen=True)
 class FormChoice:
-    """One block's two forms timed side by side on its own: the latency ratio dense / separable is the
-    geometric mean over the paired rounds, with its 95 % interval (``lo``, ``hi``); ``form`` is the form
-    the block runs in after the whole-model check (``"dense"`` or ``"separable"``)."""
+    """One block's forms timed side by side on its own: ``separable`` (the runtime's deploy form),
+    ``dense`` and, where the block has them as a distinct form, ``branches``. The latency ratio dense /
+    separable is the geometric mean over the paired rounds, with its 95 % interval (``lo``, ``hi``);
+    ``form`` is the form the block runs in after the whole-model check (``"separable"``, ``"branches"``
+    or ``"dense"``)."""
 
     name: str
     separable: Latency
@@ -58,6 +64,7 @@ class FormChoice:
     lo: float
     hi: float
     form: str
+    branches: Latency | None = None
 
 
 @dataclass
@@ -65,7 +72,7 @@ class ChosenForms:
     """:func:`choose_forms`' result: ``model`` (deployable, each block in its chosen form), the timing
     behind every block's choice, and the whole-model check: ``whole`` maps each plan timed (``"per
     block"``, ``"all separable"``, ``"all dense"``; equal plans timed once) to its latency, ``plan`` is
-    the one kept."""
+    the one kept ("all separable": every block in the runtime's deploy form)."""
 
     model: nn.Module
     runtime: str
@@ -79,11 +86,16 @@ class ChosenForms:
     def dense(self) -> list[str]:
         return [c.name for c in self.choices if c.form == "dense"]
 
+    @property
+    def branches(self) -> list[str]:
+        return [c.name for c in self.choices if c.form == "branches"]
+
     def summary(self) -> str:
         timed = ", ".join(f"{k} {v.median:.3g} ms" for k, v in self.whole.items())
+        branches = f", {len(self.branches)} as summed branches" if self.branches else ""
         return (f"fastest forms in {self.runtime} (batch {self.batch}, {self.threads} thread"
                 f"{'s' if self.threads > 1 else ''}): {len(self.dense)} of {len(self.choices)} separable blocks run "
-                f"as their dense conv ({self.plan}" + (f"; whole model: {timed})" if timed else ")"))
+                f"as their dense conv{branches} ({self.plan}" + (f"; whole model: {timed})" if timed else ")"))
 
 
 def _runners(nets: dict[str, nn.Module], shape, runtime: str, batch: int, threads: int,
@@ -120,29 +132,32 @@ def _faster(fns: dict[str, Callable[[], object]], plan: str, kept: str, first: d
     return latency_ratio(a, b, level=LEVEL).held is True
 
 
-def _assembled(net: nn.Module, dense: dict[str, nn.Module], shape, for_onnx: bool) -> nn.Module:
-    """A deployable copy of ``net`` with the blocks named in ``dense`` replaced by their dense convs."""
+def _assembled(net: nn.Module, forms: dict[str, nn.Module], shape, for_onnx: bool) -> nn.Module:
+    """A deployable copy of ``net`` with the blocks named in ``forms`` replaced by the forms given
+    (dense convs, branches), the others in the runtime's deploy forms."""
     net = copy.deepcopy(net)
-    for name, conv in dense.items():
+    for name, form in forms.items():
         if not name:  # the model is one block
-            net = conv
+            net = copy.deepcopy(form)
         else:
-            net.set_submodule(name, copy.deepcopy(conv))
+            net.set_submodule(name, copy.deepcopy(form))
     return deployable(net, shape, for_onnx)
 
 
 def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "onnxruntime", batch: int = 1,
                  threads: int = 1, repeats: int = 20, max_seconds: float = 2.0) -> ChosenForms:
-    """:func:`~sepconv.deploy.deployable` of ``model`` with every linear separable block in the faster of
-    its two exact forms (its deploy form or its dense conv), measured in ``runtime``
-    (:data:`~sepconv.deploy.RUNTIMES`) at ``batch`` and ``threads`` on inputs of ``input_shape`` ``(C, H, W)``.
+    """:func:`~sepconv.deploy.deployable` of ``model`` with every linear separable block in the fastest of
+    its exact forms (its deploy form, its summed branches where eager's deploy form differs from them, its
+    dense conv), measured in ``runtime`` (:data:`~sepconv.deploy.RUNTIMES`) at ``batch`` and ``threads`` on
+    inputs of ``input_shape`` ``(C, H, W)``.
 
-    First each distinct block alone: both forms on the block's input shape, ``repeats`` interleaved rounds
-    (fewer past ``max_seconds``, at least 5); the dense conv is chosen only when the paired 95 % interval
-    of its latency ratio lies below 1 (a tie keeps the block separable: fewer parameters). A block alone
+    First each distinct block alone: its forms on the block's input shape, ``repeats`` interleaved rounds
+    (fewer past ``max_seconds``, at least 5); a form replaces the one kept so far (the deploy form, then
+    the branches, then the dense conv) only when the paired 95 % interval of their latency ratio lies
+    below 1 (a tie keeps the earlier form: fewer parameters, or fewer calls). A block alone
     is not a block in its graph (ONNX Runtime fuses a conv with the add and activation after it and keeps
-    its blocked layout across layers), so then the whole model is checked: all blocks separable, the
-    per-block choice and all blocks dense, timed interleaved (at most ``5 * max_seconds``); a plan
+    its blocked layout across layers), so then the whole model is checked: all blocks in their deploy
+    forms, the per-block choice and all blocks dense, timed interleaved (at most ``5 * max_seconds``); a plan
     replaces the one kept so far (all separable first) only when the paired interval says it is faster,
     at level :data:`LEVEL`; a comparison left open is timed again, twice as long each time, up to
     :data:`LOOKS` looks (up to ``30 * max_seconds`` more per comparison, at least 5 rounds a look). Same outputs as
@@ -157,41 +172,47 @@ def choose_forms(model: nn.Module, input_shape: Sequence[int], runtime: str = "o
     for_onnx = RUNTIMES[runtime].for_onnx  # the deploy forms of that runtime
     blocks = dry_forward(net, shape, record=(_SeparableBlock,), where="choose_forms").inputs
     timed: dict[tuple, tuple] = {}
-    dense, alone = {}, {}
+    forms: dict[str, dict[str, nn.Module]] = {}  # block -> its forms other than the deploy form
+    alone: dict[str, tuple] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sepconv-forms.")))
         for name, (block, in_shape) in sorted(blocks.items()):
             conv = block.dense_form(in_shape)
             if conv is None:
                 continue
-            sep = block.deploy_form(in_shape, for_onnx)
-            key = (repr(sep), repr(conv), tuple(in_shape))
+            candidates = {"separable": block.deploy_form(in_shape, for_onnx)}
+            if not for_onnx and isinstance(branches := block.deploy_form(in_shape, True), Branches):
+                candidates["branches"] = branches
+            candidates["dense"] = conv.eval()
+            key = (*map(repr, candidates.values()), tuple(in_shape))
             if key not in timed:
                 sub = tmp / f"block{len(timed)}"
                 sub.mkdir()
-                lat = _timed(_runners({"separable": sep, "dense": conv}, in_shape, runtime, batch, threads, sub),
-                             threads, repeats, max_seconds)
-                timed[key] = (lat["separable"], lat["dense"], latency_ratio(lat["dense"], lat["separable"]))
-            dense[name] = conv.eval()
+                lat = _timed(_runners(candidates, in_shape, runtime, batch, threads, sub), threads, repeats,
+                             max_seconds)
+                kept = "separable"
+                for form in list(lat)[1:]:
+                    if latency_ratio(lat[form], lat[kept]).held:
+                        kept = form
+                timed[key] = (lat, kept, latency_ratio(lat["dense"], lat["separable"]))
+            forms[name] = {k: m for k, m in candidates.items() if k != "separable"}
             alone[name] = timed[key]
-        plans = {"all separable": (), "per block": tuple(n for n in dense if alone[n][2].held),
-                 "all dense": tuple(dense)}
-        distinct = {}
-        for label, names in plans.items():  # equal plans timed once, under their first label
-            distinct.setdefault(names, label)
+        plans = {"all separable": {}, "per block": {n: f[alone[n][1]] for n, f in forms.items() if alone[n][1] in f},
+                 "all dense": {n: f["dense"] for n, f in forms.items()}}
+        distinct: dict[tuple, str] = {}
+        for label, chosen in plans.items():  # equal plans timed once, under their first label
+            distinct.setdefault(tuple((n, id(m)) for n, m in chosen.items()), label)
         plan, whole = "all separable", {}
         if len(distinct) > 1:
-            nets = {label: _assembled(net, {n: dense[n] for n in names}, shape, for_onnx)
-                    for names, label in distinct.items()}
+            nets = {label: _assembled(net, plans[label], shape, for_onnx) for label in distinct.values()}
             fns = _runners(nets, shape, runtime, batch, threads, tmp)
             whole = _timed(fns, threads, repeats, 5 * max_seconds)
             for label in list(nets)[1:]:
                 if _faster(fns, label, plan, whole, threads, repeats, 5 * max_seconds):
                     plan = label
-        chosen = set(plans[plan])
-    out = ChosenForms(_assembled(net, {n: dense[n] for n in chosen}, shape, for_onnx), runtime, batch, threads,
-                      whole=whole, plan=plan)
-    for name, (s, d, c) in alone.items():
-        out.choices.append(FormChoice(name, s, d, math.exp(c.mean), math.exp(c.lo), math.exp(c.hi),
-                                      "dense" if name in chosen else "separable"))
+        final = {n: next(k for k, f in forms[n].items() if f is m) for n, m in plans[plan].items()}
+    out = ChosenForms(_assembled(net, plans[plan], shape, for_onnx), runtime, batch, threads, whole=whole, plan=plan)
+    for name, (lat, _, c) in alone.items():
+        out.choices.append(FormChoice(name, lat["separable"], lat["dense"], math.exp(c.mean), math.exp(c.lo),
+                                      math.exp(c.hi), final.get(name, "separable"), lat.get("branches")))
     return out
