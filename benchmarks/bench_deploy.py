@@ -27,6 +27,8 @@ import copy
 import json
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ from sepconv.decompose import convert
 from sepconv.deploy import RUNTIMES, deployable, export_onnx, latency_ratio, measure, torch_threads
 from sepconv.deploy.export import onnx_session
 from sepconv.models import create_model, profile
+from sepconv.runtime import tune_allocator
 
 from ._util import md_table
 
@@ -108,21 +111,33 @@ def _copy_us(k: int) -> float:
     return _COPY_US[k]
 
 
-def _profile_ort(path: Path, x: torch.Tensor, runs: int) -> dict[str, list[float]]:
-    """ONNX Runtime's per-node profile on 1 thread: {"depthwise"|"other conv"|"rest": [us per run, FLOPs,
-    bytes read and written at least, us a copy of those bytes takes (:func:`_copy_us`)]}."""
+def _profile_ort(paths: dict[str, Path], x: torch.Tensor, runs: int) -> dict[str, dict[str, list[float]]]:
+    """ONNX Runtime's per-node profile on 1 thread of each model of ``paths``, the sessions called interleaved
+    (one run of each per round, as in ``measure``: drifts of a shared machine hit all alike): per model,
+    {"depthwise"|"other conv"|"rest": [us per run, FLOPs, bytes read and written at least, us a copy of
+    those bytes takes (:func:`_copy_us`)]}."""
     ort = __import__("onnxruntime")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.enable_profiling = 1, 1, True
-    so.profile_file_prefix = str(path.with_suffix(""))
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {s.get_inputs()[0].name: x.numpy()}
-    for _ in range(runs):
-        s.run(None, feed)
-    events = json.loads(Path(s.end_profiling()).read_text())
+    sessions = {}
+    for k, path in paths.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.enable_profiling = 1, 1, True
+        so.profile_file_prefix = str(path.with_suffix(""))
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sessions[k] = (s, {s.get_inputs()[0].name: x.numpy()})
+    for _ in range(runs + 1):  # the first round warms up: left out of the profile
+        for s, feed in sessions.values():
+            s.run(None, feed)
+    return {k: _ort_events(json.loads(Path(s.end_profiling()).read_text()), runs) for k, (s, _) in sessions.items()}
+
+
+def _ort_events(events: list[dict], runs: int) -> dict[str, list[float]]:
+    """:func:`_profile_ort`'s aggregate of one session's profile events over ``runs`` runs, the first run
+    (a warm-up) left out."""
     agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"], default=None)
+    after = first["ts"] + first["dur"] if first else -math.inf
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < after:
             continue
         a = e["args"]
         kind = "rest"
@@ -165,31 +180,36 @@ def _is_depthwise(w) -> bool:
     return len(w) == 4 and w[1] == 1 and w[2] * w[3] > 1
 
 
-def _profile_eager(runtime: str, net: torch.nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
-    """PyTorch's own profile (``torch.profiler``, CPU, the current thread count) of ``net`` in ``runtime``
-    (``torch`` or ``torch-cl``), per run: ms in the top-level aten ops -- depthwise convs, other convs (dense
-    and pointwise), the rest (adds, activations, copies, slice sums) -- and outside them ("outside": Python,
-    module calls and the profiler's own cost), the top-level op "calls" (and "<kind> calls" per kind), and
-    "wall", the profiled run's time."""
-    fn = _fn(runtime, net, x)
-    fn(), fn()
-    out = collections.Counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        t = time.perf_counter()
-        for _ in range(runs):
-            fn()
-        out["wall"] = 1e3 * (time.perf_counter() - t) / runs
-    for e in prof.events():
-        if e.cpu_parent is not None or not e.name.startswith("aten::"):
-            continue
-        kind = "rest"
-        if e.name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
-            kind = "depthwise conv" if _is_depthwise(e.input_shapes[1]) else "other conv"
-        out[kind] += e.cpu_time_total / 1e3 / runs
-        out["calls"] += 1 / runs
-        out[f"{kind} calls"] += 1 / runs
-    out["outside"] = out["wall"] - sum(out[k] for k in ("depthwise conv", "other conv", "rest"))
-    return dict(out)
+def _profile_eager(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, dict[str, float]]:
+    """PyTorch's own profile (``torch.profiler``, CPU, the current thread count) of each function of ``fns``
+    (a model's forward in ``torch`` or ``torch-cl``), interleaved as in ``measure``: per round one profiled
+    call of each, so that drifts of a shared machine hit all alike. Per function, the median over the rounds
+    of: ms in the top-level aten ops -- depthwise convs, other convs (dense and pointwise), the rest (adds,
+    activations, copies, slice sums) --, ms outside them ("outside": Python, module calls and the profiler's
+    own cost), "wall" (the call's time), and the top-level op "calls" (and "<kind> calls" per kind)."""
+    per: dict[str, list[collections.Counter]] = {k: [] for k in fns}
+    for f in fns.values():
+        f(), f()
+    for _ in range(runs):
+        for k, f in fns.items():
+            out = collections.Counter()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as p:
+                t = time.perf_counter()
+                f()
+                out["wall"] = 1e3 * (time.perf_counter() - t)
+            for e in p.events():
+                if e.cpu_parent is not None or not e.name.startswith("aten::"):
+                    continue
+                kind = "rest"
+                if e.name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
+                    kind = "depthwise conv" if _is_depthwise(e.input_shapes[1]) else "other conv"
+                out[kind] += e.cpu_time_total / 1e3
+                out["calls"] += 1
+                out[f"{kind} calls"] += 1
+            out["outside"] = out["wall"] - sum(out[k] for k in ("depthwise conv", "other conv", "rest"))
+            per[k].append(out)
+    return {k: {key: statistics.median(c[key] for c in runs_) for key in set().union(*runs_)}
+            for k, runs_ in per.items()}
 
 
 def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], list[list[str]], list[dict]]:
@@ -249,11 +269,12 @@ def _group(name, shape, big, variants, quick, notes) -> tuple[list[list[str]], l
                              f"{res['eager_ratio']:.2f}{ci}", f"{res['ort_ratio']:.3f}",
                              f"{res['ort_ratio'] / fr:.2f}" if k != base else "", goal])
     eager_where = _where_eager(name, nets, results, shape, quick)
-    base_total = {}
+    base_total, profiled = {}, {}
+    for batch in batches:
+        profiled[batch] = _profile_ort(paths, torch.randn(batch, *shape), 3 if quick else (20 if shape[1] < 100 else 5))
     for k in nets:  # base first
         for batch in batches:
-            x = torch.randn(batch, *shape)
-            agg = _profile_ort(paths[k], x, 3 if quick else (20 if shape[1] < 100 else 5))
+            agg = profiled[batch][k]
             total = sum(v[0] for v in agg.values())
             ftotal = sum(v[1] for v in agg.values()) or 1
             base_total.setdefault(batch, total)
@@ -285,18 +306,20 @@ def _where_eager(name, nets, results, shape, quick) -> list[list[str]]:
     for res0 in [r for r in results if r["threads"] == 1 and r["variant"] == base]:
         batch = res0["batch"]
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-        runs = 3 if quick else (20 if shape[1] < 100 else 3)
+        runs = 3 if quick else (20 if shape[1] < 100 else 5)
+        timed = {r["variant"]: r for r in results if r["threads"] == 1 and r["batch"] == batch}
         with torch_threads(1):
-            prof = {r["variant"]: (r, _profile_eager(r["layout"], nets[r["variant"]], x, runs),
-                                   _depthwise_copy_ms(nets[r["variant"]], x))
-                    for r in results if r["threads"] == 1 and r["batch"] == batch}
-        p0 = prof[base][1]
-        ops0 = p0["wall"] - p0["outside"]
+            profiled = _profile_eager({k: _fn(r["layout"], nets[k], x) for k, r in timed.items()}, runs)
+            prof = {k: (r, profiled[k], _depthwise_copy_ms(nets[k], x)) for k, r in timed.items()}
+
+        def op_ms(p):
+            return sum(p.get(kind, 0.0) for kind in ("depthwise conv", "other conv", "rest"))
+        ops0 = op_ms(prof[base][1])
         for k, (res, p, copy_ms) in prof.items():
-            dw, ops = p.get("depthwise conv", 0.0), p["wall"] - p["outside"]
+            dw, ops = p.get("depthwise conv", 0.0), op_ms(p)
             if k != base:
                 res.update(e_free=(ops - dw) / ops0, e_copy=(ops - dw + copy_ms) / ops0, e_ops=ops / ops0,
-                           e_wall=p["wall"] / p0["wall"])
+                           e_wall=p["wall"] / prof[base][1]["wall"])
             rows.append([name, k, batch, res["layout"], f"{p['wall']:.3f}", f"{dw:.3f}",
                          f"{p.get('other conv', 0.0):.3f}", f"{p.get('rest', 0.0):.3f}", f"{p['outside']:.3f}",
                          f"{p['calls']:.0f}",
@@ -415,6 +438,67 @@ def _limits(sep: list[dict], runtime: str, limits, missed, goal, needs: str) -> 
             + "; ".join(parts) + "." if n else f"Every separable row (1 thread) meets the {runtime} goal.")
 
 
+#: (model, input, batches, eager runtimes) measured again in fresh processes, with and without the allocator tuned
+ALLOC = [("resnet20", (3, 32, 32), (1, 64), EAGER), ("resnet50", (3, 224, 224), (16,), ("torch-cl",))]
+
+
+def _eager_alloc(quick: bool) -> list[dict]:
+    """The eager rows of :data:`ALLOC` (1 thread; every variant of :data:`GROUPS`; the layouts interleaved):
+    per variant, the better layout's median and its latency ratio to the regular network's better one
+    (paired, 95 %). Run by :func:`_alloc_in_subprocess` in a fresh process."""
+    out = []
+    for name, shape, batches, layouts in ALLOC[:1] if quick else ALLOC:
+        variants = next(v for n, _, _, v in GROUPS if n == name)
+        if quick:
+            shape, batches, variants = (shape[0], 16, 16), (1, 2), variants[:3]
+        nets = {k: deployable(m, shape) for k, m in _variants(name, shape, variants, quick).items()}
+        base = next(iter(nets))
+        for batch in batches:
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            with torch_threads(1):
+                fns = {(k, r): _fn(r, net, x) for k, net in nets.items() for r in layouts}
+                lat = measure(fns, repeats=3 if quick else (30 if shape[1] < 100 else 6), warmup=2,
+                              max_seconds=5 if quick else 120)
+            best0 = min(layouts, key=lambda r: lat[(base, r)].median)
+            for k in nets:
+                best = min(layouts, key=lambda r: lat[(k, r)].median)
+                c = latency_ratio(lat[(k, best)], lat[(base, best0)], "no_greater")
+                out.append(dict(model=name, variant=k, batch=batch, layout=best, median=lat[(k, best)].median,
+                                ratio=math.exp(c.mean), lo=math.exp(c.lo), hi=math.exp(c.hi), slower=c.held is False))
+    return out
+
+
+def _alloc_in_subprocess(quick: bool, tuned: bool) -> list[dict] | None:
+    """:func:`_eager_alloc` in a fresh process (``python -m benchmarks.bench_deploy``), which first calls
+    :func:`sepconv.runtime.tune_allocator` when ``tuned``: the allocator's state is per process (and the
+    tuning cannot be undone), so both are measured alike, each from a clean start. ``None`` when that process
+    fails (or glibc's mallopt is missing for ``tuned``)."""
+    args = [sys.executable, "-m", "benchmarks.bench_deploy", "--alloc"] + ["--quick"] * quick + ["--tuned"] * tuned
+    r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _alloc_rows(quick: bool) -> tuple[list[list[str]], str]:
+    """The table comparing eager ratios with glibc's default allocator and with it tuned, and its summary."""
+    runs = {tuned: _alloc_in_subprocess(quick, tuned) for tuned in (False, True)}
+    if runs[True] is None or runs[False] is None:
+        return [], "(the fresh-process measurement failed, or glibc's mallopt is not available here)"
+    rows = []
+    for a, b in zip(runs[False], runs[True]):
+        sep = a["variant"] not in ("regular", "published (separable)")
+        rows.append([a["model"], a["variant"], a["batch"], *(
+            f"{r['median']:.3g} ms ({r['layout']})" for r in (a, b)), *(
+            (f"{r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f})" + (" **slower**" if r["slower"] else ""))
+            if sep else "1.00" for r in (a, b))])
+    sep = [(a, b) for a, b in zip(runs[False], runs[True]) if a["variant"] not in ("regular", "published (separable)")]
+    met = [sum(not r[i]["slower"] for r in sep) for i in (0, 1)]
+    return rows, (f"**Eager goal in fresh processes (never slower than regular, better layout, 1 thread):** met by "
+                  f"{met[0]} of {len(sep)} rows with glibc's default allocator, {met[1]} of {len(sep)} with it tuned.")
+
+
 def run(quick: bool) -> str:
     groups = [(n, (s[0], 16, 16) if quick else s, b, v[:3] if quick else v) for n, s, b, v in GROUPS]
     rows, where, eager_where, results, notes = [], [], [], [], []
@@ -425,6 +509,7 @@ def run(quick: bool) -> str:
         eager_where += e
         results += res
     sep = [r for r in results if r["threads"] == 1 and r["variant"] not in ("regular", "published (separable)")]
+    alloc_rows, alloc_summary = _alloc_rows(quick)
     ort_met = [r for r in sep if r["ort_ratio"] <= ORT_GOAL * r["flop_ratio"]]
     eager_met = [r for r in sep if not r["eager_slower"]]
     worst = max(sep, key=lambda r: r["ort_ratio"] / r["flop_ratio"])
@@ -502,7 +587,8 @@ def run(quick: bool) -> str:
         "### Where the time goes (PyTorch eager, 1 thread, torch.profiler)",
         "",
         "PyTorch's own profile (`torch.profiler`, CPU) of each variant in the layout it ran fastest in above, "
-        "per run: the profiled run's wall time; time in the top-level aten ops, split into depthwise convs, other "
+        "the variants interleaved (one profiled call of each per round), medians over the rounds: the call's "
+        "wall time; time in the top-level aten ops, split into depthwise convs, other "
         "convs (dense and pointwise) and the rest (adds, activations, input copies, slice sums); time outside "
         "any aten op (Python, module calls, the profiler's own cost); the top-level op calls; and the time "
         "of one depthwise conv call beside the time one thread takes to copy the bytes it must read and write at "
@@ -532,5 +618,29 @@ def run(quick: bool) -> str:
         "dense one they replace.",
         "",
         md_table(["C x H x W", "conv", "MFLOPs", "NCHW", "channels_last"], _eager_ops(quick)),
+        "",
+        "### PyTorch eager and the memory allocator (1 thread, fresh processes)",
+        "",
+        "The eager rows of ResNet-20 (both layouts) and ResNet-50 at batch 16 (channels_last) measured again, "
+        "each in a fresh process, once with glibc's default allocator and once after "
+        "`sepconv.runtime.tune_allocator()` (what `sepconv train`, `demo` and `latency` call at start: freed "
+        "memory stays in the heap instead of being unmapped, so the next forward pass reuses it instead of "
+        "page-faulting fresh pages). glibc serves every block above its mmap threshold (at most 32 MiB) with "
+        "pages of its own and returns them on free; a network whose activations are large pays those page "
+        "faults on every call, and a separable one, with its input copies and wider depthwise outputs, pays "
+        "more. Median ms (the better layout) and the latency ratio to the regular network of the same process "
+        "(paired over the interleaved rounds, 95 % interval; **slower**: the interval lies above 1). The two "
+        "processes ran minutes apart: compare their ratios, each paired within its process, not their medians.",
+        "",
+        alloc_summary,
+        "",
+        md_table(["model", "variant", "batch", "default allocator", "tuned", "ratio, default (95 %)",
+                  "ratio, tuned (95 %)"], alloc_rows),
     ]
     return "\n".join(text)
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_deploy --alloc [--quick] [--tuned]: see _alloc_in_subprocess
+    if "--tuned" in sys.argv and not tune_allocator():
+        raise SystemExit(1)
+    print(json.dumps(_eager_alloc("--quick" in sys.argv)))

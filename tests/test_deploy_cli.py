@@ -125,9 +125,12 @@ def test_fastest_forms_in_latency_and_export(capsys, tmp_path):
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["forms"] == "fastest" and [r["runtime"] for r in doc["rows"]] == ["torch", "onnxruntime"]
+    assert isinstance(doc["allocator_tuned"], bool)
     for r in doc["rows"]:
         made, total = map(int, r["dense_blocks"].split("/"))
-        assert total == 4 and 0 <= made <= 4 and r["flops"] > 0
+        branches, total2 = map(int, r["branch_blocks"].split("/"))
+        assert total == total2 == 4 and 0 <= made <= 4 and 0 <= branches <= 4 - made and r["flops"] > 0
+        assert r["runtime"] == "torch" or branches == 0  # ONNX Runtime's deploy form is the branches
     code, stdout, err = run(capsys, "export", model, "--input-size", "16", "16", "--forms", "fastest")
     assert code == 0, err
     assert "fastest forms in onnxruntime (batch 1, 1 thread):" in stdout and "of 4 separable blocks" in stdout

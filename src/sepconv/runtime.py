@@ -1,4 +1,4 @@
-"""Process-level settings for CPU training: keep freed memory for reuse instead of returning it.
+"""Process-level settings for CPU training and inference: keep freed memory for reuse instead of returning it.
 
 A training step on the CPU allocates and frees the same large activation and gradient buffers
 every step. glibc's malloc serves blocks above its mmap threshold (128 KiB at start, raised
@@ -7,9 +7,11 @@ with fresh ``mmap`` pages, unmaps them on free, and trims the heap top back to t
 each step pays the page faults of touching new memory again. On the virtual
 machines we measure on a page fault costs ~2.6 us (0.65 ms per MiB touched, against 0.1 ms
 to rewrite memory already mapped), enough to add several per cent to a MobileNetV2 step, and
-more where a model allocates more (BENCHMARKS.md, spectral normalization). :func:`tune_allocator`
-is what the ``sepconv train`` and ``sepconv demo`` commands call at start (opt out with
-``SEPCONV_TUNE_MALLOC=0``); a library user may call it too, or preload jemalloc/tcmalloc, which
+more where a model allocates more (BENCHMARKS.md, spectral normalization). Inference pays the same
+for its activations on every call: a separable network in PyTorch eager at a large batch, with its
+input copies and wide depthwise outputs, most (BENCHMARKS.md, "Deployment speed", the allocator
+table). :func:`tune_allocator` is what the ``sepconv train``, ``demo`` and ``latency`` commands call at
+start (opt out with ``SEPCONV_TUNE_MALLOC=0``); a library user may call it too, or preload jemalloc/tcmalloc, which
 the PyTorch CPU performance guides recommend for the same reason.
 """
 

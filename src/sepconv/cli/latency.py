@@ -10,7 +10,7 @@ import sys
 from ..deploy import RUNTIMES, choose_forms, measure, require_runtime, runner, torch_threads
 from ..io import model_from_spec
 from ..models import profile
-from ..runtime import oversubscription
+from ..runtime import oversubscription, tune_allocator
 from .args import add_trust_code, input_shape, positive_int
 
 DEFAULT_RUNTIMES = ("torch", "torch-cl", "onnxruntime")
@@ -21,7 +21,9 @@ def add(sub) -> argparse.ArgumentParser:
                        description="Time one forward pass of MODEL's deployable form (eval mode, BatchNorm folded, "
                                    "normalized weights baked) in each runtime, batch size and thread count: median "
                                    "and quartiles over --repeats calls, one runtime after the other. Run it on an idle "
-                                   "machine: two threads beside another busy process are many times slower. "
+                                   "machine: two threads beside another busy process are many times slower. glibc's "
+                                   "malloc is first set to keep freed memory (sepconv.runtime.tune_allocator; "
+                                   "SEPCONV_TUNE_MALLOC=0 to opt out), as in sepconv train. "
                                    + "; ".join(f"{r.name}: {r.help}" for r in RUNTIMES.values()) + ".")
     p.add_argument("model", metavar="MODEL", help="registry name, saved model directory, or package.module:callable")
     p.add_argument("--runtime", nargs="+", choices=list(RUNTIMES), metavar="RUNTIME",
@@ -59,6 +61,7 @@ def run(args) -> int:
                             trust_code=args.trust_code)
     shape = input_shape(model, args)
     prof = profile(model, shape)
+    tuned = tune_allocator()  # freed activations stay mapped, as in sepconv train (see sepconv.runtime)
     busy = oversubscription(max(args.threads))
     if busy:
         print(f"sepconv latency: warning: {busy}", file=sys.stderr)
@@ -73,6 +76,7 @@ def run(args) -> int:
                         chosen = choose_forms(model, shape, r, batch, threads)
                         net = chosen.model
                         dense[r] = dict(dense_blocks=f"{len(chosen.dense)}/{len(chosen.choices)}",
+                                        branch_blocks=f"{len(chosen.branches)}/{len(chosen.choices)}",
                                         flops=profile(net, shape).flops)
                     lat[r] = measure({r: runner(net, shape, r, batch, threads)}, args.repeats,
                                      max_seconds=args.max_seconds)[r]
@@ -81,19 +85,21 @@ def run(args) -> int:
                           **dense.get(r, {}))
                      for r in runtimes]
     doc = dict(model=args.model, input_shape=list(shape), params=prof.params, flops=prof.flops, forms=args.forms,
-               rows=rows, skipped=skipped)
+               allocator_tuned=tuned, rows=rows, skipped=skipped)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"{args.model}: {prof.params:,} parameters, {prof.flops / 1e6:,.1f} MFLOPs per image at "
           f"{'x'.join(map(str, shape))}; deployable form (eval, BatchNorm folded); median (quartiles) of "
-          f"up to {args.repeats} calls" + ("; fastest forms, 'dense' = blocks run as their dense conv"
+          f"up to {args.repeats} calls" + ("; fastest forms, 'dense' = blocks run as their dense conv, "
+                                             "'branches' = as their summed branches"
                                              if args.forms == "fastest" else ""))
     header = ("runtime", "batch", "threads", "median ms", "quartiles ms", "images/s") + (
-        ("dense", "MFLOPs") if args.forms == "fastest" else ())
+        ("dense", "branches", "MFLOPs") if args.forms == "fastest" else ())
     table = [(r["runtime"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}",
               f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}", f"{r['images_per_s']:,.0f}")
-             + ((r["dense_blocks"], f"{r['flops'] / 1e6:,.1f}") if "dense_blocks" in r else ()) for r in rows]
+             + ((r["dense_blocks"], r["branch_blocks"], f"{r['flops'] / 1e6:,.1f}") if "dense_blocks" in r else ())
+             for r in rows]
     widths = [max(len(t[i]) for t in table + [header]) for i in range(len(header))]
     for t in [header] + table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
