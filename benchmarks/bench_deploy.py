@@ -41,7 +41,9 @@ from sepconv.decompose import convert
 from sepconv.deploy import RUNTIMES, deployable, export_onnx, latency_ratio, measure, torch_threads
 from sepconv.deploy.export import onnx_session
 from sepconv.models import create_model, profile
+from sepconv.probe import dry_forward
 from sepconv.runtime import tune_allocator
+from sepconv.spectral.spec import ConvSpec
 
 from ._util import md_table
 
@@ -163,16 +165,10 @@ def _ort_events(events: list[dict], runs: int) -> dict[str, list[float]]:
 def _depthwise_copy_ms(net: torch.nn.Module, x: torch.Tensor) -> float:
     """Milliseconds one thread takes to copy the bytes ``net``'s depthwise convs must read and write at least
     on ``x`` (their inputs and outputs, :func:`_copy_us`): what depthwise kernels at copy speed would take."""
-    values: list[int] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: values.append(i[0].numel() + o.numel()))
-             for m in net.modules() if isinstance(m, torch.nn.Conv2d) and _is_depthwise(m.weight.shape)]
-    try:
-        with torch.inference_mode():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(_copy_us(v // 2) for v in values) / 1e3
+    seen = dry_forward(net, tuple(x.shape[1:]), record=(torch.nn.Conv2d,), where="bench_deploy").inputs
+    values = [math.prod(shape) + m.out_channels * math.prod(ConvSpec.of(m, shape[1:]).out_size(m.kernel_size))
+              for m, shape in seen.values() if _is_depthwise(m.weight.shape)]
+    return sum(_copy_us(x.shape[0] * v // 2) for v in values) / 1e3
 
 
 def _is_depthwise(w) -> bool:
@@ -303,8 +299,7 @@ def _where_eager(name, nets, results, shape, quick) -> list[list[str]]:
     result (1 thread) gets the profiled ratios its eager goal is judged against (``e_free``: depthwise convs
     taking no time, ``e_copy``: taking a copy's time, ``e_ops``: the aten ops' time, ``e_wall``: as profiled)."""
     rows, base = [], next(iter(nets))
-    for res0 in [r for r in results if r["threads"] == 1 and r["variant"] == base]:
-        batch = res0["batch"]
+    for batch in sorted({r["batch"] for r in results if r["threads"] == 1}):
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
         runs = 3 if quick else (20 if shape[1] < 100 else 5)
         timed = {r["variant"]: r for r in results if r["threads"] == 1 and r["batch"] == batch}

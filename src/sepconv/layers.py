@@ -180,9 +180,8 @@ class ChannelRepeat(nn.Module):
 
 class GroupSum(nn.Module):
     """The sum of ``parts`` consecutive channel slices: ``(N, p C, H, W) -> (N, C, H, W)``,
-    ``y[:, c] = sum_j x[:, j C + c]``. In ``channels_last`` memory the slices are added one by one: a
-    reduction over the strided slice axis runs 3-8x slower there than ``p - 1`` adds (BENCHMARKS.md,
-    "Deploy forms against the modules as built")."""
+    ``y[:, c] = sum_j x[:, j C + c]``. In ``channels_last`` memory the slices are added one by one
+    (``p - 1`` adds) instead of reduced over the slice axis, which is strided in that layout."""
 
     def __init__(self, parts: int) -> None:
         super().__init__()
